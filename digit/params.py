@@ -1,0 +1,131 @@
+"""One schema for params.yaml, checked before any stage starts its work.
+
+Every problem is reported at once, one line per problem, each naming the key:
+a typo such as `codebok.k` is an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from digit.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Spec:
+    type: type | tuple[type, ...]
+    min: float | None = None
+    max: float | None = None
+    choices: tuple | None = None
+    help: str = ""
+
+    def check(self, key: str, value: Any) -> str | None:
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        # bool is an int subclass in Python; `k: true` must not pass as k=1.
+        if isinstance(value, bool) and bool not in types:
+            return f"{key}: expected {_names(types)}, got {value!r}"
+        if float in types and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, types):
+            return f"{key}: expected {_names(types)}, got {type(value).__name__} {value!r}"
+        if self.choices is not None and value not in self.choices:
+            return f"{key}: {value!r} is not one of {', '.join(map(repr, self.choices))}"
+        if self.min is not None and isinstance(value, (int, float)) and value < self.min:
+            return f"{key}: {value!r} is below the minimum {self.min}"
+        if self.max is not None and isinstance(value, (int, float)) and value > self.max:
+            return f"{key}: {value!r} is above the maximum {self.max}"
+        return None
+
+
+def _names(types) -> str:
+    return " or ".join(t.__name__ for t in types)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+SCHEMA: dict[str, Spec] = {
+    # prepare
+    "data.source": Spec(str, choices=("fashion-mnist", "imagefolder")),
+    "data.root": Spec(str),
+    "data.train_size": Spec(int, min=0, help="0 = all"),
+    "data.val_size": Spec(int, min=0, help="0 = all"),
+    "data.image_size": Spec(int, min=8, max=4096),
+    "data.shard_size": Spec(int, min=1),
+    "data.on_bad_image": Spec(str, choices=("skip", "fail")),
+    "data.seed": Spec(int, min=0),
+    # extract
+    "encoder.name": Spec(str),
+    "encoder.weights": Spec(str, help="package | hub | none | path to a checkpoint"),
+    "encoder.layer": Spec(int),
+    "encoder.img_size": Spec(int, min=16, max=4096),
+    "encoder.batch_size": Spec(int, min=1),
+    "encoder.precision": Spec(str, choices=PRECISIONS),
+    # codebook
+    "codebook.k": Spec(int, min=2),
+    "codebook.niter": Spec(int, min=1),
+    "codebook.max_points": Spec(int, min=2),
+    "codebook.seed": Spec(int, min=0),
+    # tokenize
+    "tokenize.batch_size": Spec(int, min=1, help="images per assignment batch"),
+    "tokenize.row_group_size": Spec(int, min=1, help="Parquet rows per row group"),
+}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def validate(tree: dict) -> list[str]:
+    """Return one message per problem (empty list = valid)."""
+    problems = []
+    flat = _flatten(tree)
+    for key, value in flat.items():
+        if key not in SCHEMA:
+            close = difflib.get_close_matches(key, SCHEMA, n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            problems.append(f"{key}: unknown parameter{hint}")
+            continue
+        msg = SCHEMA[key].check(key, value)
+        if msg:
+            problems.append(msg + (f" [{SCHEMA[key].help}]" if SCHEMA[key].help else ""))
+    for key in SCHEMA:
+        if key not in flat:
+            problems.append(f"{key}: missing from params.yaml")
+    if not problems:
+        # Cross-field rules, only meaningful once each field is well-typed.
+        if flat["codebook.k"] > flat["codebook.max_points"]:
+            problems.append(
+                f"codebook.k: {flat['codebook.k']} centroids need at least as many sampled "
+                f"features, but codebook.max_points is {flat['codebook.max_points']}; "
+                "raise codebook.max_points or lower codebook.k"
+            )
+    return problems
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    """Read and validate params.yaml; raise ConfigError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameter file not found; run from the project root or pass --params")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
+    problems = validate(tree)
+    if problems:
+        raise ConfigError(f"{path} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return tree

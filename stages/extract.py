@@ -1,0 +1,115 @@
+"""Stage `extract`: image shards -> frozen-encoder patch-feature grids (float16 shards).
+
+data/features/{split}-NNNNNN.tar holds the features of data/images/{split}-NNNNNN.tar,
+sample for sample (`__key__`, `npy` [gh, gw, D] float16, `cls`). Under
+`accelerate launch --num_processes N`, rank r takes input shards r, r+N, ...,
+so each rank writes its own shards and no key is lost or duplicated; rank 0
+checks every shard's count against the input before publishing the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from tqdm import tqdm
+
+from digit.atomic import _tmp_sibling, clean_stale_tmp, publish, write_json
+from digit.cli import run, stage_parser
+from digit.encoders import build_encoder, describe, validate_encoder
+from digit.errors import ConfigError
+from digit.params import load_params
+from digit.shards import ShardSink, batched, encode_npy, iter_samples, read_manifest, shard_urls, write_manifest
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@torch.inference_mode()
+def extract_shard(encoder, url: str, out_dir: Path, split: str, index: int, cfg: dict, device) -> int:
+    """Encode one image shard into the feature shard of the same index; return its sample count."""
+    with ShardSink(out_dir, split, shard_size=10**12, start_index=index) as sink:
+        for batch in batched(iter_samples([url]), cfg["batch_size"]):
+            images = torch.from_numpy(np.stack([s["png"] for s in batch])).to(device)
+            with torch.autocast(device.type, dtype=AUTOCAST.get(cfg["precision"]),
+                                enabled=cfg["precision"] in AUTOCAST):
+                feats = encoder(images)
+            feats = feats.float().cpu().numpy().astype(np.float16)
+            for sample, grid in zip(batch, feats):
+                sink.write({"__key__": sample["__key__"], "npy": encode_npy(grid),
+                            "cls": str(sample["cls"]).encode()})
+        if sink.total == 0:  # an empty input shard still gets an (empty) output shard
+            sink._open()
+    return sink.total
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--images", default="data/images")
+    parser.add_argument("--out", default="data/features")
+    parser.add_argument("--report", default="reports/extract.json")
+    args = parser.parse_args()
+    cfg = load_params(args.params)["encoder"]
+    images_manifest = read_manifest(args.images)
+    validate_encoder(cfg["name"], cfg["weights"], cfg["layer"], cfg["img_size"])  # before any heavy work
+    if cfg["precision"] == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("encoder.precision: fp16 needs a GPU; use fp32 or bf16 on CPU")
+
+    accelerator = Accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    out = Path(args.out)
+    started = time.time()
+
+    # All ranks must write into the same fresh temporary directory: rank 0 makes it.
+    holder = [None]
+    if accelerator.is_main_process:
+        clean_stale_tmp(out)
+        tmp = _tmp_sibling(out)
+        tmp.mkdir(parents=True)
+        holder = [str(tmp)]
+    broadcast_object_list(holder)
+    tmp = Path(holder[0])
+
+    encoder = build_encoder(cfg["name"], cfg["weights"], cfg["layer"], cfg["img_size"]).to(accelerator.device)
+    mine = [(split, i, url) for split in ("train", "val")
+            for i, url in enumerate(shard_urls(args.images, split)) if i % world == rank]
+    total = sum(images_manifest["splits"][s]["counts"][i] for s, i, _ in mine)
+    counts = {}
+    with tqdm(total=total, desc=f"extract rank {rank}" if world > 1 else "extract", unit="img",
+              position=rank) as bar:
+        for split, index, url in mine:
+            n = extract_shard(encoder, url, tmp, split, index, cfg, accelerator.device)
+            counts[f"{split}/{index}"] = n
+            bar.update(n)
+    (tmp / f".rank{rank}.json").write_text(json.dumps(counts))
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        done = {}
+        for part in sorted(tmp.glob(".rank*.json")):
+            done.update(json.loads(part.read_text()))
+            part.unlink()
+        manifest = {"encoder": describe(encoder), "weights": cfg["weights"], "dtype": "float16",
+                    "classes": images_manifest["classes"], "splits": {}}
+        for split, info in images_manifest["splits"].items():
+            got = [done.get(f"{split}/{i}") for i in range(len(info["shards"]))]
+            if got != info["counts"]:
+                raise RuntimeError(f"extract: {split} shard counts {got} differ from the input's "
+                                   f"{info['counts']}; a rank failed, output not published")
+            manifest["splits"][split] = {"count": info["count"], "shards": info["shards"], "counts": got}
+        write_manifest(tmp, manifest)
+        publish(tmp, out)
+        elapsed = time.time() - started
+        n_images = sum(v["count"] for v in manifest["splits"].values())
+        write_json(args.report, {"images": n_images, "seconds": round(elapsed, 2), "processes": world,
+                                 "images_per_second": round(n_images / elapsed, 1), **manifest["encoder"]})
+        print(f"extract: {n_images} images -> {out} grid {manifest['encoder']['grid']} dim {manifest['encoder']['dim']}")
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    run(main)
