@@ -1,8 +1,9 @@
 """Benchmark: `extract` pipeline images/s vs the bare encoder forward, side by side.
 
-Pipeline = read image shards, decode PNG, resize, encoder forward, float16,
-encode npy, write tar (the stage's own `extract_shard`). Bare = the same
-FeatureEncoder forward on a ready float batch already at encoder.img_size.
+Pipeline = read image shards, decode PNG, resize, normalize, encoder forward,
+float16, encode npy, write tar (`digit.features.encode_shard`, the stage's unit
+of work). Bare = the timm model's forward_intermediates alone, on a ready,
+normalized float batch at encoder.img_size.
 Rounds alternate so machine noise hits both alike; the best round of each counts.
 
     python bench/extract.py [--images data/images] [--shards 2] [--rounds 3]
@@ -18,9 +19,9 @@ from pathlib import Path
 import torch
 
 from digit.encoders import build_encoder
+from digit.features import encode_shard
 from digit.params import load_params
 from digit.shards import read_manifest, shard_urls
-from stages.extract import extract_shard
 
 
 def main() -> None:
@@ -35,21 +36,22 @@ def main() -> None:
     urls = shard_urls(args.images, "train")[: args.shards]
     n_images = sum(manifest["splits"]["train"]["counts"][: len(urls)])
     encoder = build_encoder(cfg["name"], cfg["weights"], cfg["layer"], cfg["img_size"])
-    device = torch.device("cpu")
-    batch = torch.rand(cfg["batch_size"], 3, cfg["img_size"], cfg["img_size"])
+    batch = (torch.rand(cfg["batch_size"], 3, cfg["img_size"], cfg["img_size"]) - encoder.mean) / encoder.std
     n_batches = -(-n_images // cfg["batch_size"])
 
     def bare() -> float:
         start = time.perf_counter()
         with torch.inference_mode():
             for _ in range(n_batches):
-                encoder(batch)
+                encoder.model.forward_intermediates(batch, indices=[encoder.index], intermediates_only=True,
+                                                    stop_early=True)
         return n_batches * cfg["batch_size"] / (time.perf_counter() - start)
 
     def pipeline() -> float:
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
-            count = sum(extract_shard(encoder, url, Path(out), "train", i, cfg, device) for i, url in enumerate(urls))
+            count = sum(encode_shard(encoder, url, Path(out), "train", i, cfg["batch_size"], cfg["precision"])
+                        for i, url in enumerate(urls))
             return count / (time.perf_counter() - start)
 
     bare()  # warm-up: allocator, oneDNN kernels

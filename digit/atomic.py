@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 
-def _tmp_sibling(path: Path, tag: str | None = None) -> Path:
+def tmp_sibling(path: Path, tag: str | None = None) -> Path:
     tag = tag or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     return path.with_name(f".{path.name}.tmp-{tag}")
 
@@ -42,7 +42,7 @@ def publish(tmp: Path, path: Path) -> None:
         # os.replace cannot replace a non-empty directory: move the old one
         # aside first, so the final path is never missing a complete output
         # for longer than two renames.
-        old = _tmp_sibling(path, "old-" + uuid.uuid4().hex[:8])
+        old = tmp_sibling(path, "old-" + uuid.uuid4().hex[:8])
         os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old)
@@ -55,7 +55,7 @@ def atomic_dir(path: str | os.PathLike):
     """Yield a fresh temporary directory; on success it becomes `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
+    tmp = tmp_sibling(path)
     tmp.mkdir()
     try:
         yield tmp
@@ -70,7 +70,7 @@ def atomic_file(path: str | os.PathLike):
     """Yield a temporary file path; on success it is renamed to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
+    tmp = tmp_sibling(path)
     try:
         yield tmp
     except BaseException:

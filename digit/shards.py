@@ -71,7 +71,7 @@ class ShardSink:
         self.shards: list[str] = []
         self.counts: list[int] = []  # samples per shard, for the manifest
 
-    def _open(self):
+    def open_next(self):
         name = shard_name(self.split, self.index)
         self.writer = wds.TarWriter(str(self.directory / name), encoder=False, mtime=0)
         self.shards.append(name)
@@ -80,7 +80,7 @@ class ShardSink:
 
     def write(self, sample: dict[str, bytes]) -> None:
         if self.writer is None:
-            self._open()
+            self.open_next()
         self.writer.write(sample)
         self.count_in_shard += 1
         self.counts[-1] += 1
@@ -109,8 +109,31 @@ def _decode_image(data: bytes) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple, bool]] = {}
+
+
 def _decode_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """np.load without pickles, parsing each distinct .npy header once.
+
+    Every feature grid of a run has the same header, and parsing it (a Python
+    literal) costs more than reading the array: caching it makes reading
+    feature shards about twice as fast.
+    """
+    if data[:8] != b"\x93NUMPY\x01\x00":  # only format 1.0 takes the fast path
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    end = 10 + int.from_bytes(data[8:10], "little")
+    header = data[:end]
+    parsed = _NPY_HEADERS.get(header)
+    if parsed is None:
+        buf = io.BytesIO(data)
+        np.lib.format.read_magic(buf)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+        if dtype.hasobject:
+            raise ValueError("object arrays would need pickle; refused")
+        parsed = _NPY_HEADERS[header] = (dtype, shape, fortran)
+    dtype, shape, fortran = parsed
+    array = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=end)
+    return array.reshape(shape, order="F" if fortran else "C")
 
 
 DECODERS = {

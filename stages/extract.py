@@ -14,39 +14,18 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list
 from tqdm import tqdm
 
-from digit.atomic import _tmp_sibling, clean_stale_tmp, publish, write_json
+from digit.atomic import tmp_sibling, clean_stale_tmp, publish, write_json
 from digit.cli import run, stage_parser
 from digit.distributed import make_accelerator
 from digit.encoders import build_encoder, describe, validate_encoder
 from digit.errors import ConfigError
 from digit.params import load_params
-from digit.shards import ShardSink, batched, encode_npy, iter_samples, read_manifest, shard_urls, write_manifest
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@torch.inference_mode()
-def extract_shard(encoder, url: str, out_dir: Path, split: str, index: int, cfg: dict, device) -> int:
-    """Encode one image shard into the feature shard of the same index; return its sample count."""
-    with ShardSink(out_dir, split, shard_size=10**12, start_index=index) as sink:
-        for batch in batched(iter_samples([url]), cfg["batch_size"]):
-            images = torch.from_numpy(np.stack([s["png"] for s in batch])).to(device)
-            with torch.autocast(device.type, dtype=AUTOCAST.get(cfg["precision"]),
-                                enabled=cfg["precision"] in AUTOCAST):
-                feats = encoder(images)
-            feats = feats.float().cpu().numpy().astype(np.float16)
-            for sample, grid in zip(batch, feats):
-                sink.write({"__key__": sample["__key__"], "npy": encode_npy(grid),
-                            "cls": str(sample["cls"]).encode()})
-        if sink.total == 0:  # an empty input shard still gets an (empty) output shard
-            sink._open()
-    return sink.total
-
+from digit.features import encode_shard
+from digit.shards import read_manifest, shard_urls, write_manifest
 
 def main() -> None:
     parser = stage_parser(__doc__)
@@ -69,7 +48,7 @@ def main() -> None:
     holder = [None]
     if accelerator.is_main_process:
         clean_stale_tmp(out)
-        tmp = _tmp_sibling(out)
+        tmp = tmp_sibling(out)
         tmp.mkdir(parents=True)
         holder = [str(tmp)]
     broadcast_object_list(holder)
@@ -83,7 +62,7 @@ def main() -> None:
     with tqdm(total=total, desc=f"extract rank {rank}" if world > 1 else "extract", unit="img",
               position=rank) as bar:
         for split, index, url in mine:
-            n = extract_shard(encoder, url, tmp, split, index, cfg, accelerator.device)
+            n = encode_shard(encoder, url, tmp, split, index, cfg["batch_size"], cfg["precision"])
             counts[f"{split}/{index}"] = n
             bar.update(n)
     (tmp / f".rank{rank}.json").write_text(json.dumps(counts))
