@@ -23,3 +23,10 @@ def make_accelerator(**kwargs) -> Accelerator:
     if launched_world_size() > 1 and not torch.cuda.is_available():
         kwargs.setdefault("cpu", True)
     return Accelerator(**kwargs)
+
+
+def finish(accelerator: Accelerator) -> None:
+    """Meet every rank, then tear the process group down, so no rank hangs at exit."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()

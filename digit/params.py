@@ -46,7 +46,7 @@ def _names(types) -> str:
     return " or ".join(t.__name__ for t in types)
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("no", "fp32", "bf16", "fp16")  # "no" (Accelerate's name) == "fp32"
 
 SCHEMA: dict[str, Spec] = {
     # prepare
@@ -73,6 +73,42 @@ SCHEMA: dict[str, Spec] = {
     # tokenize
     "tokenize.batch_size": Spec(int, min=1, help="images per assignment batch"),
     "tokenize.row_group_size": Spec(int, min=1, help="Parquet rows per row group"),
+    # train
+    "gpt.class_conditional": Spec(bool),
+    "gpt.n_layer": Spec(int, min=1),
+    "gpt.n_head": Spec(int, min=1),
+    "gpt.n_embd": Spec(int, min=8),
+    "gpt.dropout": Spec(float, min=0.0, max=0.9),
+    "gpt.bias": Spec(bool),
+    "gpt.label_dropout": Spec(float, min=0.0, max=1.0, help="probability of replacing the label by the null class"),
+    "gpt.label_smoothing": Spec(float, min=0.0, max=0.9),
+    "gpt.batch_size": Spec(int, min=1, help="sequences per process per micro-batch"),
+    "gpt.grad_accum": Spec(int, min=1),
+    "gpt.max_steps": Spec(int, min=1, help="optimizer steps"),
+    "gpt.lr": Spec(float, min=0.0, max=1.0),
+    "gpt.min_lr_ratio": Spec(float, min=0.0, max=1.0, help="cosine floor as a fraction of gpt.lr"),
+    "gpt.warmup_steps": Spec(int, min=0),
+    "gpt.weight_decay": Spec(float, min=0.0),
+    "gpt.beta1": Spec(float, min=0.0, max=1.0),
+    "gpt.beta2": Spec(float, min=0.0, max=1.0),
+    "gpt.grad_clip": Spec(float, min=0.0, help="0 = off"),
+    "gpt.precision": Spec(str, choices=PRECISIONS),
+    "gpt.eval_every": Spec(int, min=1),
+    "gpt.checkpoint_every": Spec(int, min=1),
+    "gpt.seed": Spec(int, min=0),
+    # sample
+    "sample.num_per_class": Spec(int, min=1),
+    "sample.batch_size": Spec(int, min=1),
+    "sample.temperature": Spec(float, min=0.0, help="0 = greedy"),
+    "sample.top_k": Spec(int, min=0, help="0 = off"),
+    "sample.top_p": Spec(float, min=0.0, max=1.0, help="in (0, 1]; 1 = off"),
+    "sample.cfg_scale": Spec(float, min=0.0, help="1 = no classifier-free guidance"),
+    "sample.seed": Spec(int, min=0),
+    # probe
+    "probe.max_train": Spec(int, min=0, help="train sequences used to fit the probes (0 = all)"),
+    "probe.batch_size": Spec(int, min=1),
+    "probe.steps": Spec(int, min=1, help="L-BFGS iterations per layer"),
+    "probe.weight_decay": Spec(float, min=0.0),
 }
 
 
@@ -105,6 +141,16 @@ def validate(tree: dict) -> list[str]:
             problems.append(f"{key}: missing from params.yaml")
     if not problems:
         # Cross-field rules, only meaningful once each field is well-typed.
+        if flat["gpt.n_embd"] % flat["gpt.n_head"]:
+            problems.append(f"gpt.n_embd: {flat['gpt.n_embd']} is not divisible by gpt.n_head={flat['gpt.n_head']}")
+        if flat["sample.top_p"] <= 0:
+            problems.append("sample.top_p: must be in (0, 1]; use 1 to turn nucleus sampling off")
+        if flat["gpt.precision"] == "fp16" or flat["encoder.precision"] == "fp16":
+            import torch
+
+            if not torch.cuda.is_available():
+                key = "gpt.precision" if flat["gpt.precision"] == "fp16" else "encoder.precision"
+                problems.append(f"{key}: fp16 needs a CUDA GPU; use bf16 or no on CPU")
         if flat["codebook.k"] > flat["codebook.max_points"]:
             problems.append(
                 f"codebook.k: {flat['codebook.k']} centroids need at least as many sampled "

@@ -119,3 +119,68 @@ def token_stats(counts: np.ndarray) -> dict:
     return {"tokens": int(total), "codes_used": int((counts > 0).sum()),
             "usage_pct": round(100.0 * float((counts > 0).mean()), 3),
             "entropy_nats": round(entropy, 5), "perplexity": round(float(np.exp(entropy)), 3)}
+
+
+class TokenBatches:
+    """Seeded, shuffled, rank-sharded batches streamed from a token Parquet file.
+
+    The file is read a window of row groups at a time (never copied whole per
+    epoch). Each global batch of `batch_size * world` rows is a pure function
+    of (seed, epoch, index): rank r takes its slice, so the data a run sees is
+    the same for any process count, and a resumed run can skip straight to
+    the batch it stopped at. Token ids are range-checked as they are read.
+    """
+
+    def __init__(self, path: str | Path, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 shuffle: bool = True, drop_last: bool = True, window: int = 8):
+        self.path, self.meta = Path(path), read_metadata(path)
+        self.file = pq.ParquetFile(self.path)
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.shuffle, self.drop_last, self.window = shuffle, drop_last, window
+        self.num_rows = self.file.metadata.num_rows
+        self.positions = self.meta["grid"][0] * self.meta["grid"][1]
+        global_batch = batch_size * world
+        if drop_last and self.num_rows < global_batch:
+            raise ConfigError(f"{path}: {self.num_rows} rows cannot fill one batch of {batch_size} x {world} "
+                              "processes; lower the batch size")
+
+    def __len__(self) -> int:
+        """Batches per epoch (per rank)."""
+        global_batch = self.batch_size * self.world
+        return self.num_rows // global_batch if self.drop_last else -(-self.num_rows // global_batch)
+
+    def _read_group(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        table = self.file.read_row_group(index, columns=["label", "tokens"])
+        tokens = table.column("tokens").combine_chunks().flatten().to_numpy().astype(np.int64)
+        tokens = tokens.reshape(-1, self.positions)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.meta["vocab_size"]):
+            raise ConfigError(f"{self.path}: row group {index} has token ids in [{tokens.min()}, {tokens.max()}] "
+                              f"but the vocabulary has {self.meta['vocab_size']} codes; re-run `dvc repro tokenize`")
+        return table.column("label").to_numpy().astype(np.int64), tokens
+
+    def epoch(self, epoch: int, skip: int = 0):
+        """Yield this rank's (labels [B], tokens [B, H*W]) int64 batches of one epoch, after `skip` batches."""
+        rng = np.random.default_rng([self.seed, epoch])
+        groups = list(range(self.file.num_row_groups))
+        if self.shuffle:
+            groups = [int(g) for g in rng.permutation(groups)]
+        global_batch = self.batch_size * self.world
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        labels = np.empty(0, np.int64)
+        tokens = np.empty((0, self.positions), np.int64)
+        emitted = 0
+        for start in range(0, len(groups), self.window):
+            parts = [self._read_group(g) for g in groups[start:start + self.window]]
+            new_labels = np.concatenate([p[0] for p in parts])
+            new_tokens = np.concatenate([p[1] for p in parts])
+            if self.shuffle:  # rows mix within the window; the window order is already random
+                order = rng.permutation(len(new_labels))
+                new_labels, new_tokens = new_labels[order], new_tokens[order]
+            labels, tokens = np.concatenate([labels, new_labels]), np.concatenate([tokens, new_tokens])
+            while len(labels) >= global_batch:
+                if emitted >= skip:
+                    yield labels[lo:hi], tokens[lo:hi]
+                emitted += 1
+                labels, tokens = labels[global_batch:], tokens[global_batch:]
+        if len(labels) and not self.drop_last and emitted >= skip:
+            yield labels[lo:hi], tokens[lo:hi]

@@ -14,15 +14,13 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from accelerate.utils import broadcast_object_list
 from tqdm import tqdm
 
 from digit.atomic import tmp_sibling, clean_stale_tmp, publish, write_json
 from digit.cli import run, stage_parser
-from digit.distributed import make_accelerator
+from digit.distributed import finish, make_accelerator
 from digit.encoders import build_encoder, describe, validate_encoder
-from digit.errors import ConfigError
 from digit.params import load_params
 from digit.features import encode_shard
 from digit.shards import read_manifest, shard_urls, write_manifest
@@ -36,8 +34,6 @@ def main() -> None:
     cfg = load_params(args.params)["encoder"]
     images_manifest = read_manifest(args.images)
     validate_encoder(cfg["name"], cfg["weights"], cfg["layer"], cfg["img_size"])  # before any heavy work
-    if cfg["precision"] == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("encoder.precision: fp16 needs a GPU; use fp32 or bf16 on CPU")
 
     accelerator = make_accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -88,7 +84,7 @@ def main() -> None:
         write_json(args.report, {"images": n_images, "seconds": round(elapsed, 2), "processes": world,
                                  "images_per_second": round(n_images / elapsed, 1), **manifest["encoder"]})
         print(f"extract: {n_images} images -> {out} grid {manifest['encoder']['grid']} dim {manifest['encoder']['dim']}")
-    accelerator.wait_for_everyone()
+    finish(accelerator)
 
 
 if __name__ == "__main__":

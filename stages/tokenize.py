@@ -5,7 +5,6 @@ Also reports/tokens.json: codebook usage and token perplexity per split.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

@@ -28,10 +28,11 @@ TINY = {
 }
 
 
-def sh(cmd: list[str] | str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a command, capture output; on failure show it in the assertion."""
+def sh(cmd: list[str] | str, cwd: Path, check: bool = True, env: dict | None = None,
+       timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a command, capture output; on failure show it in the assertion. A hang fails after `timeout` s."""
     proc = subprocess.run(cmd, cwd=cwd, shell=isinstance(cmd, str), capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

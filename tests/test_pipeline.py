@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import dvc, make_project, needs_fmnist, sh, update_params
+from conftest import dvc, needs_fmnist, sh, update_params
 from digit.shards import iter_samples, read_manifest, shard_urls
 from digit.tokens import read_tokens
 

@@ -1,0 +1,84 @@
+"""Pieces of GPT training shared by the `train` stage and its benchmark."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from digit.tokens import TokenBatches
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warmup then cosine decay to min_ratio, as a LambdaLR multiplier of the step."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def drop_labels(labels: torch.Tensor, null_class: int, p: float, seed: int, micro_step: int,
+                rank: int, world: int) -> torch.Tensor:
+    """Replace labels by the null class with probability p (for classifier-free guidance).
+
+    Drawn for the whole global batch from a generator keyed on (seed, micro step)
+    and sliced per rank: the same rows are dropped for any process count and
+    after a resume.
+    """
+    if p <= 0:
+        return labels
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + micro_step)
+    drop = torch.rand(len(labels) * world, generator=gen)[rank * len(labels):(rank + 1) * len(labels)] < p
+    return torch.where(drop.to(labels.device), torch.full_like(labels, null_class), labels)
+
+
+def sequence_loss(logits: torch.Tensor, tokens: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1),
+                           label_smoothing=label_smoothing)
+
+
+@torch.no_grad()
+def evaluate(model, batches: TokenBatches, device, conditional: bool) -> tuple[float, float, int]:
+    """Summed CE (no smoothing), correct next-token predictions and token count over this rank's share."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for labels, tokens in batches.epoch(0):
+        labels = torch.from_numpy(labels).to(device)
+        tokens = torch.from_numpy(tokens).to(device)
+        logits = model(labels if conditional else None, tokens[:, :-1]).float()
+        loss_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction="sum").item()
+        correct += (logits.argmax(-1) == tokens).sum().item()
+        count += tokens.numel()
+    model.train(was_training)
+    return loss_sum, correct, count
+
+
+def unigram_cross_entropy(train_path: Path, val_path: Path, vocab_size: int) -> float:
+    """CE (nats/token) on val of the train split's token frequencies: the bar a GPT must beat."""
+    counts = np.ones(vocab_size)  # add-one smoothing: no val token gets probability 0
+    for _, tokens in TokenBatches(train_path, 4096, 0, shuffle=False, drop_last=False).epoch(0):
+        counts += np.bincount(tokens.ravel(), minlength=vocab_size)
+    logp = np.log(counts / counts.sum())
+    total, n = 0.0, 0
+    for _, tokens in TokenBatches(val_path, 4096, 0, shuffle=False, drop_last=False).epoch(0):
+        total -= float(logp[tokens].sum())
+        n += tokens.size
+    return total / n
+
+
+def run_fingerprint(cfg: dict, *files: Path) -> str:
+    """Identity of a training run: its parameters and its input files' bytes."""
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+    for path in files:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]

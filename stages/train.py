@@ -1,0 +1,190 @@
+"""Stage `train`: GPT next-token training on data/tokens with Accelerate.
+
+Resumable: `accelerator.save_state` every gpt.checkpoint_every steps into
+checkpoints/train-<fingerprint>/step_NNNNNNNN (written under a temporary name,
+renamed when complete, last 2 kept), where the fingerprint covers the gpt.*
+params and the token files. A run killed mid-way and started again
+with the same inputs resumes from the newest checkpoint and ends with the
+same weights as an uninterrupted run. Metrics go through Accelerate's DVCLive
+tracker into reports/train/ (metrics.json + per-step plots).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+from digit.atomic import atomic_dir, clean_stale_tmp
+from digit.cli import run, stage_parser
+from digit.distributed import finish, make_accelerator
+from digit.gpt import GPT, GPTConfig
+from digit.params import load_params
+from digit.tokens import TokenBatches, read_metadata
+from digit.training import (drop_labels, evaluate, lr_lambda, run_fingerprint, sequence_loss,
+                            unigram_cross_entropy)
+
+
+class Progress:
+    """The optimizer-step counter, saved and restored with the checkpoint."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])
+
+
+def save_checkpoint(accelerator, root: Path, step: int, live: Path, keep: int = 2) -> None:
+    """save_state into a temporary folder, renamed when complete: a kill never leaves a partial checkpoint."""
+    final, tmp = root / f"step_{step:08d}", root / f".step_{step:08d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.copytree(live, tmp / "live")  # the curves so far, restored on resume
+        os.replace(tmp, final)
+        for old in sorted(root.glob("step_*"))[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def model_config(cfg: dict, meta: dict) -> GPTConfig:
+    gh, gw = meta["grid"]
+    return GPTConfig(vocab_size=meta["vocab_size"], block_size=gh * gw + 1,
+                     num_classes=len(meta["classes"]) if cfg["class_conditional"] else 0,
+                     n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
+                     dropout=cfg["dropout"], bias=cfg["bias"])
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--tokens", default="data/tokens")
+    parser.add_argument("--out", default="models/gpt")
+    parser.add_argument("--live", default="reports/train", help="DVCLive directory")
+    parser.add_argument("--checkpoints", default="checkpoints")
+    args = parser.parse_args()
+    cfg = load_params(args.params)["gpt"]
+    train_path, val_path = Path(args.tokens) / "train.parquet", Path(args.tokens) / "val.parquet"
+    meta = read_metadata(train_path)
+    read_metadata(val_path)
+    config = model_config(cfg, meta)
+
+    ckpt_root = Path(args.checkpoints) / f"train-{run_fingerprint(cfg, train_path, val_path)}"
+    accelerator = make_accelerator(
+        mixed_precision="no" if cfg["precision"] == "fp32" else cfg["precision"],
+        gradient_accumulation_steps=cfg["grad_accum"], log_with="dvclive")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(cfg["seed"])
+    train_batches = TokenBatches(train_path, cfg["batch_size"], cfg["seed"], rank, world)
+    val_batches = TokenBatches(val_path, cfg["batch_size"], 0, rank, world, shuffle=False, drop_last=False)
+
+    model = GPT(config)
+    optimizer = model.configure_optimizer(cfg["weight_decay"], cfg["lr"], (cfg["beta1"], cfg["beta2"]))
+    # Not passed to prepare(): Accelerate would step it once per process.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg["warmup_steps"], cfg["max_steps"], cfg["min_lr_ratio"]))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    progress = Progress()
+    accelerator.register_for_checkpointing(scheduler, progress)
+
+    saved = sorted(ckpt_root.glob("step_*"))
+    resumed_from = None
+    if saved:
+        accelerator.load_state(str(saved[-1]))
+        resumed_from = progress.step
+        accelerator.print(f"train: resumed from {saved[-1]} at step {resumed_from}")
+        if accelerator.is_main_process:  # bring back the curves logged before the interruption
+            shutil.rmtree(args.live, ignore_errors=True)
+            shutil.copytree(saved[-1] / "live", args.live)
+    accelerator.init_trackers("train", init_kwargs={"dvclive": {
+        "dir": args.live, "resume": resumed_from is not None, "save_dvc_exp": False, "dvcyaml": False,
+        "report": None}})
+
+    conditional = config.num_classes > 0
+    null_class = accelerator.unwrap_model(model).null_class
+    steps_per_epoch = len(train_batches)
+    micro = progress.step * cfg["grad_accum"]
+    epoch, offset = divmod(micro, steps_per_epoch)
+    stream = train_batches.epoch(epoch, skip=offset)
+    tokens_per_step = cfg["batch_size"] * cfg["grad_accum"] * world * (config.block_size - 1)
+    bar = tqdm(total=cfg["max_steps"], initial=progress.step, desc="train", unit="step",
+               disable=not accelerator.is_main_process)
+    model.train()
+    last_eval: dict = {}
+    while progress.step < cfg["max_steps"]:
+        started = time.perf_counter()
+        loss_sum = 0.0
+        for _ in range(cfg["grad_accum"]):
+            try:
+                labels, tokens = next(stream)
+            except StopIteration:
+                epoch += 1
+                stream = train_batches.epoch(epoch)
+                labels, tokens = next(stream)
+            labels = drop_labels(torch.from_numpy(labels), null_class, cfg["label_dropout"], cfg["seed"], micro,
+                                 rank, world).to(accelerator.device)
+            tokens = torch.from_numpy(tokens).to(accelerator.device)
+            micro += 1
+            with accelerator.accumulate(model):
+                logits = model(labels if conditional else None, tokens[:, :-1])
+                loss = sequence_loss(logits, tokens, cfg["label_smoothing"])
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg["grad_clip"] > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.item()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        progress.step += 1
+        train_loss = accelerator.reduce(torch.tensor(loss_sum / cfg["grad_accum"], device=accelerator.device),
+                                        "mean").item()
+        tok_s = tokens_per_step / (time.perf_counter() - started)
+        metrics = {"train/loss": train_loss, "train/lr": lr, "train/tokens_per_s": tok_s}
+        if progress.step % cfg["eval_every"] == 0 or progress.step == cfg["max_steps"]:
+            sums = torch.tensor(evaluate(model, val_batches, accelerator.device, conditional),
+                                dtype=torch.float64, device=accelerator.device)
+            loss_total, correct, count = accelerator.reduce(sums, "sum").tolist()
+            last_eval = {"val/loss": loss_total / count, "val/token_acc": correct / count}
+            metrics.update(last_eval)
+        accelerator.log(metrics, step=progress.step)  # one call per step: DVCLive writes one row per metric
+        bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+        bar.update(1)
+        if progress.step % cfg["checkpoint_every"] == 0 and progress.step < cfg["max_steps"]:
+            save_checkpoint(accelerator, ckpt_root, progress.step, Path(args.live))
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unigram = unigram_cross_entropy(train_path, val_path, config.vocab_size)
+        live = accelerator.get_tracker("dvclive").tracker
+        # Nested like DVCLive's own "a/b" metrics, so `dvc exp show` lists them beside val.loss.
+        live.summary.setdefault("unigram", {})["val_ce"] = unigram
+        live.summary["val"]["gain_over_unigram"] = unigram - last_eval["val/loss"]
+        live.summary["params"] = sum(p.numel() for p in model.parameters())
+        clean_stale_tmp(Path(args.out))
+        with atomic_dir(args.out) as tmp:
+            accelerator.unwrap_model(model).save_pretrained(tmp)
+            (tmp / "tokens.json").write_text(json.dumps(meta, indent=2) + "\n")  # grid, vocab, classes
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # finished: nothing to resume
+        print(f"train: val loss {last_eval['val/loss']:.4f} vs unigram {unigram:.4f} nats/token, "
+              f"val token acc {last_eval['val/token_acc']:.4f} -> {args.out}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # writes the DVCLive summary; also tears down the process group
+    finish(accelerator)
+
+
+if __name__ == "__main__":
+    run(main)
