@@ -14,6 +14,7 @@ batch and length (exit status 1 otherwise).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -22,6 +23,25 @@ import torch
 from digit.gpt import GPT, PRESETS, GPTConfig
 
 FLOOR = 3.0
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(busy ticks of the whole machine, ticks of this process) from /proc; None off Linux."""
+    try:
+        fields = open("/proc/stat").readline().split()[1:]
+        total = sum(map(int, fields[:8])) - int(fields[3]) - int(fields[4])  # minus idle and iowait
+        mine = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        return total, int(mine[11]) + int(mine[12])  # utime + stime of all our threads
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def others_cores(before, after, seconds: float) -> float:
+    """Average number of cores other processes kept busy between two cpu_ticks() readings."""
+    if before is None or after is None or seconds <= 0:
+        return 0.0
+    hz = os.sysconf("SC_CLK_TCK")
+    return max(0, (after[0] - before[0]) - (after[1] - before[1])) / hz / seconds
 
 
 def main() -> None:
@@ -34,7 +54,11 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--cfg-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ticks, started = cpu_ticks(), time.perf_counter()
 
     torch.manual_seed(args.seed)
     config = GPTConfig(vocab_size=args.vocab, block_size=args.tokens + 1, num_classes=args.classes,
@@ -73,6 +97,13 @@ def main() -> None:
     for batch, (cached, full, ratio, same) in results.items():
         print(f"{batch:>5} | {cached:>14,.0f} | {full:>15,.0f} | {ratio:>7.1f}x | {'yes' if same else 'NO'}")
     print(f"(best of {args.rounds} rounds; tokens/s = batch * {args.tokens} / seconds per generate call)")
+
+    others = others_cores(ticks, cpu_ticks(), time.perf_counter() - started)
+    print(f"other processes used {others:.2f} of {os.cpu_count()} cores on average during the run")
+    if others > 0.25:
+        # OpenMP threads that spin-wait collapse when another process holds the cores
+        # (seen: 6,000 -> 177 tok/s next to a `dvc repro`); such a run measures the other process.
+        print("WARNING: the machine was busy, these numbers are not reliable; re-run on an idle machine")
 
     ratio = results[args.batch][2]
     ok = ratio >= FLOOR and all(same for *_, same in results.values())

@@ -10,6 +10,7 @@ say so, so N CPU processes split the work over gloo. (`accelerate launch
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -30,3 +31,19 @@ def finish(accelerator: Accelerator) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         accelerator.wait_for_everyone()
         torch.distributed.destroy_process_group()
+
+
+def shared_tmp_dir(accelerator: Accelerator, out: Path) -> Path:
+    """A fresh temporary sibling of `out`, made by rank 0 and the same path on every rank."""
+    from accelerate.utils import broadcast_object_list
+
+    from digit.atomic import clean_stale_tmp, tmp_sibling
+
+    holder = [None]
+    if accelerator.is_main_process:
+        clean_stale_tmp(out)
+        tmp = tmp_sibling(out)
+        tmp.mkdir(parents=True)
+        holder = [str(tmp)]
+    broadcast_object_list(holder)
+    return Path(holder[0])

@@ -11,7 +11,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from digit.gpt import GPTConfig
 from digit.tokens import TokenBatches
+
+
+def gpt_config(cfg: dict, meta: dict) -> GPTConfig:
+    """GPTConfig from the gpt.* params and a token file's metadata (grid, vocabulary, classes)."""
+    gh, gw = meta["grid"]
+    return GPTConfig(vocab_size=meta["vocab_size"], block_size=gh * gw + 1,
+                     num_classes=len(meta["classes"]) if cfg["class_conditional"] else 0,
+                     n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
+                     dropout=cfg["dropout"], bias=cfg["bias"])
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):

@@ -14,12 +14,11 @@ import json
 import time
 from pathlib import Path
 
-from accelerate.utils import broadcast_object_list
 from tqdm import tqdm
 
-from digit.atomic import tmp_sibling, clean_stale_tmp, publish, write_json
+from digit.atomic import publish, write_json
 from digit.cli import run, stage_parser
-from digit.distributed import finish, make_accelerator
+from digit.distributed import finish, make_accelerator, shared_tmp_dir
 from digit.encoders import build_encoder, describe, validate_encoder
 from digit.params import load_params
 from digit.features import encode_shard
@@ -41,14 +40,7 @@ def main() -> None:
     started = time.time()
 
     # All ranks must write into the same fresh temporary directory: rank 0 makes it.
-    holder = [None]
-    if accelerator.is_main_process:
-        clean_stale_tmp(out)
-        tmp = tmp_sibling(out)
-        tmp.mkdir(parents=True)
-        holder = [str(tmp)]
-    broadcast_object_list(holder)
-    tmp = Path(holder[0])
+    tmp = shared_tmp_dir(accelerator, out)
 
     encoder = build_encoder(cfg["name"], cfg["weights"], cfg["layer"], cfg["img_size"]).to(accelerator.device)
     mine = [(split, i, url) for split in ("train", "val")

@@ -20,14 +20,13 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from digit.atomic import atomic_file, clean_stale_tmp, tmp_sibling
+from digit.atomic import atomic_file
 from digit.cli import run, stage_parser
-from digit.distributed import finish, make_accelerator
+from digit.distributed import finish, make_accelerator, shared_tmp_dir
 from digit.errors import ConfigError
 from digit.gpt import load_gpt
 from digit.params import load_params
 from digit.tokens import TokenWriter, token_schema
-from accelerate.utils import broadcast_object_list
 
 
 def main() -> None:
@@ -54,14 +53,7 @@ def main() -> None:
     n_batches = -(-len(labels) // cfg["batch_size"])
     out = Path(args.out)
 
-    holder = [None]
-    if accelerator.is_main_process:
-        clean_stale_tmp(out)
-        parts = tmp_sibling(out)
-        parts.mkdir(parents=True)
-        holder = [str(parts)]
-    broadcast_object_list(holder)
-    parts = Path(holder[0])
+    parts = shared_tmp_dir(accelerator, out)
 
     schema = token_schema((gh, gw), model.config.vocab_size,
                           {"classes": meta["classes"], "sampling": settings, "encoder": meta.get("encoder")})
@@ -73,7 +65,7 @@ def main() -> None:
         generator = torch.Generator(device=accelerator.device).manual_seed(cfg["seed"] * 1_000_003 + b)
         tokens = model.generate(cond, steps=gh * gw, temperature=cfg["temperature"], top_k=cfg["top_k"] or None,
                                 top_p=cfg["top_p"] if cfg["top_p"] < 1.0 else None, cfg_scale=cfg["cfg_scale"],
-                                generator=generator)
+                                generator=generator, batch_size=len(index))
         writer.write([f"sample_{i:07d}" for i in index], labels[index], tokens.cpu().numpy())
     writer.close()
     accelerator.wait_for_everyone()

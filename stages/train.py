@@ -24,10 +24,10 @@ from tqdm import tqdm
 from digit.atomic import atomic_dir, clean_stale_tmp
 from digit.cli import run, stage_parser
 from digit.distributed import finish, make_accelerator
-from digit.gpt import GPT, GPTConfig
+from digit.gpt import GPT
 from digit.params import load_params
 from digit.tokens import TokenBatches, read_metadata
-from digit.training import (drop_labels, evaluate, lr_lambda, run_fingerprint, sequence_loss,
+from digit.training import (drop_labels, evaluate, gpt_config, lr_lambda, run_fingerprint, sequence_loss,
                             unigram_cross_entropy)
 
 
@@ -60,14 +60,6 @@ def save_checkpoint(accelerator, root: Path, step: int, live: Path, keep: int = 
     accelerator.wait_for_everyone()
 
 
-def model_config(cfg: dict, meta: dict) -> GPTConfig:
-    gh, gw = meta["grid"]
-    return GPTConfig(vocab_size=meta["vocab_size"], block_size=gh * gw + 1,
-                     num_classes=len(meta["classes"]) if cfg["class_conditional"] else 0,
-                     n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
-                     dropout=cfg["dropout"], bias=cfg["bias"])
-
-
 def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--tokens", default="data/tokens")
@@ -79,7 +71,7 @@ def main() -> None:
     train_path, val_path = Path(args.tokens) / "train.parquet", Path(args.tokens) / "val.parquet"
     meta = read_metadata(train_path)
     read_metadata(val_path)
-    config = model_config(cfg, meta)
+    config = gpt_config(cfg, meta)
 
     ckpt_root = Path(args.checkpoints) / f"train-{run_fingerprint(cfg, train_path, val_path)}"
     accelerator = make_accelerator(
