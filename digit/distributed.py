@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from digit.atomic import clean_stale_tmp, tmp_sibling
 
 
 def launched_world_size() -> int:
@@ -35,10 +38,6 @@ def finish(accelerator: Accelerator) -> None:
 
 def shared_tmp_dir(accelerator: Accelerator, out: Path) -> Path:
     """A fresh temporary sibling of `out`, made by rank 0 and the same path on every rank."""
-    from accelerate.utils import broadcast_object_list
-
-    from digit.atomic import clean_stale_tmp, tmp_sibling
-
     holder = [None]
     if accelerator.is_main_process:
         clean_stale_tmp(out)

@@ -98,16 +98,20 @@ def read_metadata(path: str | Path) -> dict:
     return meta
 
 
+def checked_tokens(table: pa.Table, positions: int, vocab_size: int, where: str) -> np.ndarray:
+    """The `tokens` column as int64 [N, positions], every id checked against the vocabulary."""
+    tokens = table.column("tokens").combine_chunks().flatten().to_numpy().astype(np.int64).reshape(-1, positions)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ConfigError(f"{where}: token ids span [{tokens.min()}, {tokens.max()}] but the vocabulary has "
+                          f"{vocab_size} codes; the file does not belong to this codebook, re-run `dvc repro tokenize`")
+    return tokens
+
+
 def read_tokens(path: str | Path, vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
     """Load a whole token file as (tokens [N, H*W] int64, labels [N], keys, metadata), range-checked."""
     meta = read_metadata(path)
     table = pq.read_table(path)
-    positions = meta["grid"][0] * meta["grid"][1]
-    tokens = table.column("tokens").combine_chunks().flatten().to_numpy().astype(np.int64).reshape(-1, positions)
-    k = vocab_size or meta["vocab_size"]
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= k):
-        raise ConfigError(f"{path}: token ids span [{tokens.min()}, {tokens.max()}] but the vocabulary has {k} "
-                          "codes; the file does not belong to this codebook, re-run `dvc repro tokenize`")
+    tokens = checked_tokens(table, meta["grid"][0] * meta["grid"][1], vocab_size or meta["vocab_size"], str(path))
     return tokens, table.column("label").to_numpy(), table.column("key").to_pylist(), meta
 
 
@@ -151,11 +155,7 @@ class TokenBatches:
 
     def _read_group(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         table = self.file.read_row_group(index, columns=["label", "tokens"])
-        tokens = table.column("tokens").combine_chunks().flatten().to_numpy().astype(np.int64)
-        tokens = tokens.reshape(-1, self.positions)
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.meta["vocab_size"]):
-            raise ConfigError(f"{self.path}: row group {index} has token ids in [{tokens.min()}, {tokens.max()}] "
-                              f"but the vocabulary has {self.meta['vocab_size']} codes; re-run `dvc repro tokenize`")
+        tokens = checked_tokens(table, self.positions, self.meta["vocab_size"], f"{self.path} (row group {index})")
         return table.column("label").to_numpy().astype(np.int64), tokens
 
     def epoch(self, epoch: int, skip: int = 0):

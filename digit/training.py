@@ -11,8 +11,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from digit.gpt import GPTConfig
+from digit.atomic import atomic_dir, clean_stale_tmp
+from digit.errors import ConfigError
+from digit.gpt import GPT, GPTConfig, load_gpt
 from digit.tokens import TokenBatches
+
+TOKEN_META = "tokens.json"  # beside the weights: what the sample and probe stages need to know
 
 
 def gpt_config(cfg: dict, meta: dict) -> GPTConfig:
@@ -49,9 +53,10 @@ def drop_labels(labels: torch.Tensor, null_class: int, p: float, seed: int, micr
     return torch.where(drop.to(labels.device), torch.full_like(labels, null_class), labels)
 
 
-def sequence_loss(logits: torch.Tensor, tokens: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+def sequence_loss(logits: torch.Tensor, tokens: torch.Tensor, label_smoothing: float = 0.0,
+                  reduction: str = "mean") -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1),
-                           label_smoothing=label_smoothing)
+                           label_smoothing=label_smoothing, reduction=reduction)
 
 
 @torch.no_grad()
@@ -63,8 +68,8 @@ def evaluate(model, batches: TokenBatches, device, conditional: bool) -> tuple[f
     for labels, tokens in batches.epoch(0):
         labels = torch.from_numpy(labels).to(device)
         tokens = torch.from_numpy(tokens).to(device)
-        logits = model(labels if conditional else None, tokens[:, :-1]).float()
-        loss_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction="sum").item()
+        logits = model(labels if conditional else None, tokens[:, :-1])
+        loss_sum += sequence_loss(logits, tokens, reduction="sum").item()
         correct += (logits.argmax(-1) == tokens).sum().item()
         count += tokens.numel()
     model.train(was_training)
@@ -82,6 +87,22 @@ def unigram_cross_entropy(train_path: Path, val_path: Path, vocab_size: int) -> 
         total -= float(logp[tokens].sum())
         n += tokens.size
     return total / n
+
+
+def save_trained(model: GPT, meta: dict, directory: str | Path) -> None:
+    """Publish a trained GPT with the metadata of the tokens it learned (grid, vocabulary, classes)."""
+    clean_stale_tmp(Path(directory))
+    with atomic_dir(directory) as tmp:
+        model.save_pretrained(tmp)
+        (tmp / TOKEN_META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_trained(directory: str | Path) -> tuple[GPT, dict]:
+    """The GPT written by `train` and the metadata of its tokens."""
+    meta_path = Path(directory) / TOKEN_META
+    if not meta_path.is_file():
+        raise ConfigError(f"{meta_path}: missing; {directory} is not a complete `train` output, run `dvc repro train`")
+    return load_gpt(directory), json.loads(meta_path.read_text())
 
 
 def run_fingerprint(cfg: dict, *files: Path) -> str:

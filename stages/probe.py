@@ -8,7 +8,6 @@ over layers in reports/probe/.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,9 +16,9 @@ from tqdm import tqdm
 
 from digit.atomic import write_json
 from digit.cli import run, stage_parser
-from digit.gpt import load_gpt
 from digit.params import load_params
 from digit.probe import fit_linear_probe, pooled_hidden_states
+from digit.training import load_trained
 from digit.tokens import TokenBatches
 
 
@@ -31,8 +30,7 @@ def main() -> None:
     parser.add_argument("--live", default="reports/probe")
     args = parser.parse_args()
     cfg = load_params(args.params)["probe"]
-    model = load_gpt(args.model)
-    meta = json.loads((Path(args.model) / "tokens.json").read_text())
+    model, meta = load_trained(args.model)
     train_path = Path(args.tokens) / "train.parquet"
     n_train = pq.ParquetFile(train_path).metadata.num_rows
     # probe.max_train caps the rows read, taken from a seeded shuffle so every class is represented.

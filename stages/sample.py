@@ -11,7 +11,6 @@ publishes the file. Its metadata records how the samples were made.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,8 @@ from digit.atomic import atomic_file
 from digit.cli import run, stage_parser
 from digit.distributed import finish, make_accelerator, shared_tmp_dir
 from digit.errors import ConfigError
-from digit.gpt import load_gpt
 from digit.params import load_params
+from digit.training import load_trained
 from digit.tokens import TokenWriter, token_schema
 
 
@@ -35,8 +34,7 @@ def main() -> None:
     parser.add_argument("--out", default="data/samples/tokens.parquet")
     args = parser.parse_args()
     cfg = load_params(args.params)["sample"]
-    model = load_gpt(args.model)
-    meta = json.loads((Path(args.model) / "tokens.json").read_text())
+    model, meta = load_trained(args.model)
     conditional = model.config.num_classes > 0
     if cfg["cfg_scale"] != 1.0 and not conditional:
         raise ConfigError("sample.cfg_scale: classifier-free guidance needs a class-conditional GPT "

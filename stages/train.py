@@ -11,7 +11,6 @@ tracker into reports/train/ (metrics.json + per-step plots).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -21,14 +20,13 @@ import torch
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from digit.atomic import atomic_dir, clean_stale_tmp
 from digit.cli import run, stage_parser
 from digit.distributed import finish, make_accelerator
 from digit.gpt import GPT
 from digit.params import load_params
 from digit.tokens import TokenBatches, read_metadata
-from digit.training import (drop_labels, evaluate, gpt_config, lr_lambda, run_fingerprint, sequence_loss,
-                            unigram_cross_entropy)
+from digit.training import (drop_labels, evaluate, gpt_config, lr_lambda, run_fingerprint, save_trained,
+                            sequence_loss, unigram_cross_entropy)
 
 
 class Progress:
@@ -166,10 +164,7 @@ def main() -> None:
         live.summary.setdefault("unigram", {})["val_ce"] = unigram
         live.summary["val"]["gain_over_unigram"] = unigram - last_eval["val/loss"]
         live.summary["params"] = sum(p.numel() for p in model.parameters())
-        clean_stale_tmp(Path(args.out))
-        with atomic_dir(args.out) as tmp:
-            accelerator.unwrap_model(model).save_pretrained(tmp)
-            (tmp / "tokens.json").write_text(json.dumps(meta, indent=2) + "\n")  # grid, vocab, classes
+        save_trained(accelerator.unwrap_model(model), meta, args.out)
         shutil.rmtree(ckpt_root, ignore_errors=True)  # finished: nothing to resume
         print(f"train: val loss {last_eval['val/loss']:.4f} vs unigram {unigram:.4f} nats/token, "
               f"val token acc {last_eval['val/token_acc']:.4f} -> {args.out}")

@@ -38,6 +38,14 @@ def sh(cmd: list[str] | str, cwd: Path, check: bool = True, env: dict | None = N
     return proc
 
 
+def expect_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A stage refused its input: exit status 2, one message with every fragment, no traceback."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr
+
+
 def update_params(path: Path, changes: dict) -> None:
     params = yaml.safe_load(path.read_text())
     for section, values in changes.items():

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, _merge, sh, update_params
+from conftest import ROOT, TINY, _merge, expect_error, sh, update_params
 from digit.tokens import TokenWriter, token_schema
 
 K, GRID, CLASSES = 32, (4, 4), 4
@@ -150,13 +150,6 @@ def test_probe_reports_every_layer(work):
     assert [r["layer"] for r in report["layers"]] == [0, 1, 2]  # embeddings + 2 blocks
     assert report["best_val_top1"] == max(r["val_top1"] for r in report["layers"])
     assert report["best_val_top1"] > 0.5  # the class is readable from the tokens (chance 0.25)
-
-
-def expect_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    for fragment in fragments:
-        assert fragment in proc.stderr, proc.stderr
 
 
 def test_tokens_beyond_vocab_are_rejected(work):

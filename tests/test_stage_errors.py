@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, TINY, _merge, sh, update_params
+from conftest import ROOT, TINY, _merge, expect_error, sh, update_params
 
 
 def run_stage(tmp_path: Path, stage: str, changes: dict, *args, env: dict | None = None):
@@ -19,13 +19,6 @@ def run_stage(tmp_path: Path, stage: str, changes: dict, *args, env: dict | None
     update_params(params, _merge(TINY, changes))
     return sh([sys.executable, "-m", f"stages.{stage}", "--params", str(params), *args],
               tmp_path, check=False, env={"PYTHONPATH": str(ROOT), **(env or {})})
-
-
-def expect_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    for fragment in fragments:
-        assert fragment in proc.stderr, proc.stderr
 
 
 @pytest.fixture(scope="module")
