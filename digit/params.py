@@ -109,6 +109,41 @@ SCHEMA: dict[str, Spec] = {
     "probe.batch_size": Spec(int, min=1),
     "probe.steps": Spec(int, min=1, help="L-BFGS iterations per layer"),
     "probe.weight_decay": Spec(float, min=0.0),
+    # train_decoder
+    "decoder.width": Spec(int, min=32, help="channels at grid resolution"),
+    "decoder.n_attn": Spec(int, min=0, help="transformer blocks at grid resolution"),
+    "decoder.n_head": Spec(int, min=1),
+    "decoder.n_res": Spec(int, min=0, help="residual blocks per resolution"),
+    "decoder.batch_size": Spec(int, min=1, help="images per process per step"),
+    "decoder.max_steps": Spec(int, min=1),
+    "decoder.lr": Spec(float, min=0.0, max=1.0),
+    "decoder.warmup_steps": Spec(int, min=0),
+    "decoder.weight_decay": Spec(float, min=0.0),
+    "decoder.grad_clip": Spec(float, min=0.0, help="0 = off"),
+    "decoder.adv_weight": Spec(float, min=0.0, help="PatchGAN hinge term weight, 0 = L1 only"),
+    "decoder.adv_start": Spec(int, min=0, help="step the adversarial term starts"),
+    "decoder.precision": Spec(str, choices=PRECISIONS),
+    "decoder.eval_every": Spec(int, min=1),
+    "decoder.checkpoint_every": Spec(int, min=1),
+    "decoder.eval_images": Spec(int, min=2, help="val images reconstructed for PSNR/SSIM/rFID"),
+    "decoder.shuffle_shards": Spec(int, min=1, help="image shards mixed per shuffle window"),
+    "decoder.seed": Spec(int, min=0),
+    # decode
+    "decode.batch_size": Spec(int, min=1),
+    "decode.grid_columns": Spec(int, min=1, max=64, help="samples per class in reports/samples.png"),
+    # reference + evaluate
+    "evaluate.inception_weights": Spec(str, help="offline | hub | path to an inception-v3-compat state dict"),
+    "evaluate.reference_size": Spec(int, min=2, help="val images in the FID reference set"),
+    "evaluate.floor_pool": Spec(int, min=2, help="train images whose features make the fid_floor set"),
+    "evaluate.batch_size": Spec(int, min=1),
+    "evaluate.kid_subsets": Spec(int, min=1),
+    "evaluate.kid_subset_size": Spec(int, min=2, help="clamped to the smaller set"),
+    "evaluate.seed": Spec(int, min=0),
+    # stability (the list's items are checked by digit.stability.check_config)
+    "stability.snr_db": Spec(list, help="non-empty list of finite SNRs in dB, e.g. [30, 25, 20, 15, 10, 5, 1, 0.01]"),
+    "stability.num_images": Spec(int, min=0, help="val images used (0 = all)"),
+    "stability.batch_size": Spec(int, min=1, help="images per encoder batch"),
+    "stability.seed": Spec(int, min=0, help="seed of the noise"),
 }
 
 
@@ -145,12 +180,12 @@ def validate(tree: dict) -> list[str]:
             problems.append(f"gpt.n_embd: {flat['gpt.n_embd']} is not divisible by gpt.n_head={flat['gpt.n_head']}")
         if flat["sample.top_p"] <= 0:
             problems.append("sample.top_p: must be in (0, 1]; use 1 to turn nucleus sampling off")
-        if flat["gpt.precision"] == "fp16" or flat["encoder.precision"] == "fp16":
+        fp16 = [k for k in ("encoder.precision", "gpt.precision", "decoder.precision") if flat[k] == "fp16"]
+        if fp16:
             import torch
 
             if not torch.cuda.is_available():
-                key = "gpt.precision" if flat["gpt.precision"] == "fp16" else "encoder.precision"
-                problems.append(f"{key}: fp16 needs a CUDA GPU; use bf16 or no on CPU")
+                problems += [f"{key}: fp16 needs a CUDA GPU; use bf16 or no on CPU" for key in fp16]
         if flat["codebook.k"] > flat["codebook.max_points"]:
             problems.append(
                 f"codebook.k: {flat['codebook.k']} centroids need at least as many sampled "

@@ -15,7 +15,7 @@ from dvclive import Live
 from tqdm import tqdm
 
 from digit.atomic import write_json
-from digit.cli import run, stage_parser
+from digit.cli import require_git_commit, run, stage_parser
 from digit.params import load_params
 from digit.probe import fit_linear_probe, pooled_hidden_states
 from digit.training import load_trained
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--report", default="reports/probe.json")
     parser.add_argument("--live", default="reports/probe")
     args = parser.parse_args()
+    require_git_commit()
     cfg = load_params(args.params)["probe"]
     model, meta = load_trained(args.model)
     train_path = Path(args.tokens) / "train.parquet"

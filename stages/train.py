@@ -11,7 +11,6 @@ tracker into reports/train/ (metrics.json + per-step plots).
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -20,42 +19,14 @@ import torch
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from digit.cli import run, stage_parser
+from digit.checkpoint import Progress, resume_latest, save_checkpoint
+from digit.cli import require_git_commit, run, stage_parser
 from digit.distributed import finish, make_accelerator
 from digit.gpt import GPT
 from digit.params import load_params
 from digit.tokens import TokenBatches, read_metadata
 from digit.training import (drop_labels, evaluate, gpt_config, lr_lambda, run_fingerprint, save_trained,
                             sequence_loss, unigram_cross_entropy)
-
-
-class Progress:
-    """The optimizer-step counter, saved and restored with the checkpoint."""
-
-    def __init__(self):
-        self.step = 0
-
-    def state_dict(self):
-        return {"step": self.step}
-
-    def load_state_dict(self, state):
-        self.step = int(state["step"])
-
-
-def save_checkpoint(accelerator, root: Path, step: int, live: Path, keep: int = 2) -> None:
-    """save_state into a temporary folder, renamed when complete: a kill never leaves a partial checkpoint."""
-    final, tmp = root / f"step_{step:08d}", root / f".step_{step:08d}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.copytree(live, tmp / "live")  # the curves so far, restored on resume
-        os.replace(tmp, final)
-        for old in sorted(root.glob("step_*"))[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
 
 
 def main() -> None:
@@ -65,6 +36,7 @@ def main() -> None:
     parser.add_argument("--live", default="reports/train", help="DVCLive directory")
     parser.add_argument("--checkpoints", default="checkpoints")
     args = parser.parse_args()
+    require_git_commit()
     cfg = load_params(args.params)["gpt"]
     train_path, val_path = Path(args.tokens) / "train.parquet", Path(args.tokens) / "val.parquet"
     meta = read_metadata(train_path)
@@ -89,17 +61,9 @@ def main() -> None:
     progress = Progress()
     accelerator.register_for_checkpointing(scheduler, progress)
 
-    saved = sorted(ckpt_root.glob("step_*"))
-    resumed_from = None
-    if saved:
-        accelerator.load_state(str(saved[-1]))
-        resumed_from = progress.step
-        accelerator.print(f"train: resumed from {saved[-1]} at step {resumed_from}")
-        if accelerator.is_main_process:  # bring back the curves logged before the interruption
-            shutil.rmtree(args.live, ignore_errors=True)
-            shutil.copytree(saved[-1] / "live", args.live)
+    resumed = resume_latest(accelerator, ckpt_root, Path(args.live), "train")
     accelerator.init_trackers("train", init_kwargs={"dvclive": {
-        "dir": args.live, "resume": resumed_from is not None, "save_dvc_exp": False, "dvcyaml": False,
+        "dir": args.live, "resume": resumed, "save_dvc_exp": False, "dvcyaml": False,
         "report": None}})
 
     conditional = config.num_classes > 0

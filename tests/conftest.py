@@ -26,6 +26,18 @@ TINY = {
     "codebook": {"k": 32, "niter": 10, "max_points": 4000},
     "tokenize": {"batch_size": 40, "row_group_size": 64},
 }
+# The rest of the DAG at toy size: a few optimizer steps, 20 samples, ~90 Inception forwards.
+TINY_DAG = {
+    "gpt": {"n_layer": 1, "n_head": 2, "n_embd": 32, "batch_size": 16, "max_steps": 10, "warmup_steps": 2,
+            "eval_every": 5, "checkpoint_every": 5},
+    "sample": {"num_per_class": 2, "batch_size": 10},
+    "probe": {"batch_size": 64, "steps": 10},
+    "decoder": {"width": 32, "n_attn": 1, "n_head": 2, "batch_size": 16, "max_steps": 10, "warmup_steps": 2,
+                "adv_start": 5, "eval_every": 5, "checkpoint_every": 5, "eval_images": 20},
+    "decode": {"batch_size": 8, "grid_columns": 2},
+    "evaluate": {"reference_size": 30, "floor_pool": 20, "batch_size": 10, "kid_subsets": 10},
+    "stability": {"num_images": 10, "batch_size": 10},
+}
 
 
 def sh(cmd: list[str] | str, cwd: Path, check: bool = True, env: dict | None = None,
@@ -64,6 +76,7 @@ def make_project(dest: Path, changes: dict | None = None) -> Path:
     sh("git init -q && git config user.email t@t && git config user.name t", dest)
     sh([sys.executable, "-m", "dvc", "init", "-q"], dest)
     sh([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], dest)
+    sh("git add -A && git commit -qm 'tiny project'", dest)  # DVCLive needs a commit to log into
     return dest
 
 

@@ -1,0 +1,309 @@
+"""Latent-space stability of the tokenizer (DiGIT, arXiv 2410.12490, Table 1).
+
+Gaussian noise is added to validation images at a series of signal-to-noise
+ratios; the noisy images are re-tokenized with exactly the tokenizer that made
+the codebook (encoder settings read from models/codebook/codebook.json) and
+compared with the clean image, position by position on the token grid.
+
+SNR definition. Per image, x is the image as float in [0, 1] at the dataset's
+stored resolution (H x W x 3; e.g. 28 x 28 x 3 for Fashion-MNIST, whose
+grayscale is replicated into 3 channels), i.e. the stored uint8 value / 255.
+Its signal power is P = mean(x^2) over all pixels and channels. The noise n is
+i.i.d. N(0, sigma^2) per pixel and channel with
+
+    sigma^2 = P / 10^(SNR_dB / 10),
+
+and the noisy image is x + n, NOT clipped to [0, 1] (clipping would change the
+realised SNR; the encoder's input normalisation is linear, so it accepts any
+real values).
+
+Into the encoder. The clean image takes exactly the pipeline's path (that of
+`extract`, FeatureEncoder's uint8 path): the stored uint8 image is resized to
+the encoder's img_size with torchvision's uint8 bicubic antialiased resize,
+then divided by 255 -- call that c. The noisy image enters as c + R(n), where R
+is the float bicubic antialiased resize (torch F.interpolate, align_corners=False,
+float64, no clamp) from H x W to img_size; no resize happens when H x W is already
+img_size. As R is linear, R(x + n) = R(x) + R(n): this is the noisy image resized,
+except that the clean part is the pipeline's own resize of the clean image
+instead of R(x). So
+  * the clean tokens are exactly the tokens the pipeline gives the image
+    (`clean_vs_pipeline_change_rate` = 0 checks it), and at infinite SNR the
+    change rate is exactly 0 (`clean_repeat_change_rate` re-encodes the clean
+    input and checks it);
+  * the noise reaches the encoder unclipped (FeatureEncoder's float path would
+    clamp to [0, 1] after its resize, so this code resizes itself and hands the
+    encoder img_size-sized float tensors, which it does not resize or clamp).
+(Resizing x + n with R alone would make the clean reference R(x), whose bicubic
+overshoot at Fashion-MNIST's black/white edges is not clamped: 8% of its tokens
+differ from the pipeline's tokens, so it would measure inputs the tokenizer never
+sees in the pipeline.)
+
+An image with P = 0 (all black) gets no noise. The noise of image i (its index
+in the val stream) at SNR index j is drawn in float64 from a torch.Generator
+seeded by SeedSequence([seed, j, i]), so results do not depend on batch_size.
+
+Metrics per SNR, over the N images and the gh x gw grid positions:
+  change_rate      fraction of (image, position) whose token differs from the clean token
+  cosine           mean cosine similarity between the clean and the noisy patch feature
+                   (computed in float64)
+  realised_snr_db  mean over images of 10 log10(P / mean(n^2)) for the noise drawn
+                   (images with P = 0 left out): a check of the noise level
+
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from numbers import Real
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from tqdm import tqdm
+
+from digit.errors import ConfigError
+
+CONFIG_KEYS = ("snr_db", "num_images", "batch_size", "seed")
+
+
+# ----------------------------------------------------------------- config
+def snr_key(snr_db: float) -> str:
+    """SNR as a key fragment without dots: 30 -> "30", 0.01 -> "0p01", -5 -> "m5", 2.5 -> "2p5"."""
+    text = f"{float(snr_db):g}"
+    if "e" in text:  # 1e-05 and the like: write it out
+        text = np.format_float_positional(float(snr_db), trim="-")
+    return text.replace("-", "m").replace(".", "p")
+
+
+def check_config(cfg: dict) -> dict:
+    """Validate the `stability` section (also what the schema cannot: list contents); return it."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"stability: expected a mapping with keys {', '.join(CONFIG_KEYS)}, got {cfg!r}")
+    missing = [k for k in CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise ConfigError(f"stability: missing {', '.join('stability.' + k for k in missing)}")
+    snrs = cfg["snr_db"]
+    if not isinstance(snrs, (list, tuple)) or not snrs:
+        raise ConfigError(f"stability.snr_db: expected a non-empty list of SNRs in dB, e.g. "
+                          f"[30, 25, 20, 15, 10, 5, 1, 0.01]; got {snrs!r}")
+    for v in snrs:
+        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
+            raise ConfigError(f"stability.snr_db: {v!r} is not a finite number of dB "
+                              "(infinite SNR is measured anyway as clean_repeat_change_rate)")
+    keys = [snr_key(v) for v in snrs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise ConfigError(f"stability.snr_db: duplicate SNR values {', '.join(dupes)}; list each once")
+    for key, lo in (("num_images", 0), ("batch_size", 1), ("seed", 0)):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ConfigError(f"stability.{key}: expected an integer >= {lo}, got {v!r}")
+    return cfg
+
+
+# ----------------------------------------------------------------- noise
+def noise_seed(seed: int, snr_index: int, image_index: int) -> int:
+    """A 64-bit generator seed for one (seed, SNR, image): independent of batching."""
+    return int(np.random.SeedSequence([seed, snr_index, image_index]).generate_state(1, np.uint64)[0])
+
+
+def signal_power(x: torch.Tensor) -> torch.Tensor:
+    """P = mean(x^2) per image over pixels and channels, float64 [B]."""
+    return x.double().pow(2).flatten(1).mean(1)
+
+
+def draw_noise(x: torch.Tensor, snr_db: float, seed: int, snr_index: int,
+               image_indices: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """x float [B, C, H, W] in [0, 1] -> (noise n float64 [B, C, H, W]; realised SNR dB per image).
+
+    sigma^2 = P / 10^(snr_db / 10) per image; the realised SNR is 10 log10(P / mean(n^2))
+    (NaN where P = 0, which gets no noise). x + n is the noisy image, never clipped.
+    """
+    image_indices = list(image_indices)
+    if len(image_indices) != len(x):
+        raise ValueError(f"{len(image_indices)} image indices for {len(x)} images")
+    power = signal_power(x)
+    sigma = (power / 10.0 ** (snr_db / 10.0)).sqrt()
+    noise = torch.stack([
+        torch.randn(x.shape[1:], dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(noise_seed(seed, snr_index, i)))
+        for i in image_indices
+    ]) * sigma.view(-1, *([1] * (x.ndim - 1)))
+    noise_power = noise.pow(2).flatten(1).mean(1)
+    realised = torch.where(power > 0, 10.0 * torch.log10(power / noise_power),
+                           torch.full_like(power, math.nan))
+    return noise, realised
+
+
+def clean_input(images: torch.Tensor, img_size: int) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, img_size, img_size]: exactly FeatureEncoder's uint8 path.
+
+    (torchvision uint8 bicubic antialiased resize, then / 255; tests check that the
+    encoder gives identical features for this and for the uint8 images.)
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
+    images = images.permute(0, 3, 1, 2)
+    if images.shape[-2:] != (img_size, img_size):
+        images = TF.resize(images, [img_size, img_size], interpolation=TF.InterpolationMode.BICUBIC,
+                           antialias=True)
+    return images.float() / 255.0
+
+
+def resize_noise(noise: torch.Tensor, img_size: int) -> torch.Tensor:
+    """Float [B, C, H, W] -> float64 [B, C, img_size, img_size]: linear bicubic resize, NO clamp."""
+    noise = noise.double()
+    if noise.shape[-2:] == (img_size, img_size):
+        return noise
+    return F.interpolate(noise, size=(img_size, img_size), mode="bicubic", antialias=True, align_corners=False)
+
+
+def noisy_input(clean: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """clean float32 encoder input + resized noise -> float32, unclipped (noise 0 gives clean exactly)."""
+    return (clean.double() + noise.to(clean.device)).float()
+
+
+# ----------------------------------------------------------------- tokenizer
+def load_tokenizer(codebook_dir: str | Path, device: str | torch.device = "cpu"):
+    """(encoder, assigner, info) from a `codebook` stage output; ConfigError if it is missing or inconsistent."""
+    from digit.encoders import build_encoder
+    from digit.kmeans import Assigner
+
+    codebook_dir = Path(codebook_dir)
+    centroids_path, meta_path = codebook_dir / "centroids.npy", codebook_dir / "codebook.json"
+    missing = [p.name for p in (centroids_path, meta_path) if not p.is_file()]
+    if missing:
+        raise ConfigError(f"{codebook_dir}: {', '.join(missing)} missing; not a complete codebook, "
+                          "run `dvc repro codebook` or pass --codebook")
+    meta = json.loads(meta_path.read_text())
+    enc = meta.get("encoder") if isinstance(meta, dict) else None
+    need = ("name", "weights", "layer", "img_size")
+    if not isinstance(enc, dict) or any(k not in enc for k in need):
+        raise ConfigError(f"{meta_path}: no 'encoder' record with {', '.join(need)}; "
+                          "re-run `dvc repro codebook` to rewrite it")
+    centroids = np.load(centroids_path)
+    if centroids.ndim != 2:
+        raise ConfigError(f"{centroids_path}: expected a [k, dim] array, got shape {centroids.shape}")
+    encoder = build_encoder(enc["name"], enc["weights"], enc["layer"], enc["img_size"]).to(device)
+    if centroids.shape[1] != encoder.dim:
+        raise ConfigError(f"{centroids_path}: centroids have dim {centroids.shape[1]} but encoder "
+                          f"{enc['name']} layer {enc['layer']} gives {encoder.dim}; re-run `dvc repro codebook`")
+    return encoder, Assigner(centroids), {"encoder": enc, "k": int(centroids.shape[0])}
+
+
+# ----------------------------------------------------------------- measuring
+def _tokens(assign, feats: torch.Tensor) -> np.ndarray:
+    return assign(feats.float().cpu().numpy())
+
+
+def measure(encoder, assign, batches: Iterable[torch.Tensor], snr_db: list[float], seed: int,
+            total: int | None = None, progress: bool = True) -> dict:
+    """Stream uint8 [B, H, W, 3] image batches; return the metrics (see the module docstring).
+
+    Only one batch of images and features is held at a time.
+    """
+    n_snr = len(snr_db)
+    changed = np.zeros(n_snr, dtype=np.int64)
+    cos_sum = np.zeros(n_snr, dtype=np.float64)
+    real_sum = np.zeros(n_snr, dtype=np.float64)
+    real_n = np.zeros(n_snr, dtype=np.int64)
+    repeat_changed = pipeline_changed = positions = images = zero_power = 0
+    size = encoder.img_size
+    with torch.inference_mode(), tqdm(total=total, desc="stability", unit="img", disable=not progress) as bar:
+        for batch in batches:
+            b = len(batch)
+            index = range(images, images + b)
+            x = batch.permute(0, 3, 1, 2).double() / 255.0  # [B, 3, H, W] at the stored resolution
+            clean_in = clean_input(batch, size)
+            clean_feats = encoder(clean_in)
+            clean = _tokens(assign, clean_feats)
+            repeat_changed += int((_tokens(assign, encoder(clean_in.clone())) != clean).sum())
+            pipeline_changed += int((_tokens(assign, encoder(batch)) != clean).sum())
+            positions += clean.size
+            zero_power += int((signal_power(x) == 0).sum())
+            clean64 = clean_feats.double()
+            for j, snr in enumerate(snr_db):
+                noise, realised = draw_noise(x, snr, seed, j, index)
+                feats = encoder(noisy_input(clean_in, resize_noise(noise, size)))
+                changed[j] += int((_tokens(assign, feats) != clean).sum())
+                cos_sum[j] += float(F.cosine_similarity(clean64, feats.double(), dim=-1).sum())
+                ok = ~torch.isnan(realised)
+                real_sum[j] += float(realised[ok].sum())
+                real_n[j] += int(ok.sum())
+            images += b
+            bar.update(b)
+    if images == 0:
+        raise ConfigError("stability: no images to measure (the val split is empty)")
+    rows = [{
+        "snr_db": float(snr),
+        "change_rate": float(changed[j] / positions),
+        "cosine": float(cos_sum[j] / positions),
+        "realised_snr_db": float(real_sum[j] / real_n[j]) if real_n[j] else None,
+    } for j, snr in enumerate(snr_db)]
+    out = {
+        "num_images": images, "positions": positions, "grid": list(encoder.grid),
+        "snr_db": [float(s) for s in snr_db], "seed": seed,
+        "clean_repeat_change_rate": repeat_changed / positions,
+        "clean_vs_pipeline_change_rate": pipeline_changed / positions,
+        "zero_power_images": zero_power,
+        "rows": rows,
+    }
+    for row in rows:
+        key = snr_key(row["snr_db"])
+        out[f"change_rate_snr{key}"] = row["change_rate"]
+        out[f"cosine_snr{key}"] = row["cosine"]
+    return out
+
+
+def image_batches(images_dir: str | Path, split: str, num_images: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """uint8 [B, H, W, 3] batches of the first num_images (0 = all) images of a split, in shard order."""
+    from digit.shards import batched, iter_samples, shard_urls
+
+    samples = iter_samples(shard_urls(images_dir, split))
+    if num_images:
+        samples = (s for i, s in zip(range(num_images), samples))
+    for batch in batched(samples, batch_size):
+        shapes = {s["png"].shape for s in batch}
+        if len(shapes) != 1:
+            raise ConfigError(f"{images_dir}: {split} images of different shapes {sorted(shapes)}; "
+                              "re-run `dvc repro prepare` (it stores one size)")
+        yield torch.from_numpy(np.stack([s["png"] for s in batch]))
+
+
+def run_stability(cfg: dict, images_dir: str | Path, codebook_dir: str | Path, device: str = "cpu",
+                  progress: bool = True) -> dict:
+    """The whole measurement of the `stability` stage for a config dict; returns the report."""
+    from digit.shards import read_manifest
+
+    cfg = check_config(cfg)
+    manifest = read_manifest(images_dir)  # fail on a missing input before loading the encoder
+    available = int(manifest.get("splits", {}).get("val", {}).get("count", 0))
+    encoder, assign, info = load_tokenizer(codebook_dir, device)
+    started = time.time()
+    total = min(cfg["num_images"], available) if cfg["num_images"] else available
+    result = measure(encoder, assign, image_batches(images_dir, "val", cfg["num_images"], cfg["batch_size"]),
+                     list(cfg["snr_db"]), cfg["seed"], total=total, progress=progress)
+    seconds = time.time() - started
+    return {"encoder": info["encoder"], "k": info["k"], **result, "seconds": round(seconds, 2)}
+
+
+def log_plots(rows: list[dict], live_dir: str | Path) -> list[Path]:
+    """DVCLive custom plots of change rate and cosine vs SNR; returns the two JSON paths.
+
+    Files: {live_dir}/plots/custom/{change_rate,cosine}.json, lists of
+    {"snr_db", "change_rate", "cosine", "realised_snr_db"} rows (x: snr_db).
+    """
+    from dvclive import Live
+
+    points = [{k: r[k] for k in ("snr_db", "change_rate", "cosine", "realised_snr_db")} for r in rows]
+    with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+        live.log_plot("change_rate", points, x="snr_db", y="change_rate", template="simple",
+                      title="Token change rate vs SNR", x_label="SNR (dB)", y_label="token change rate")
+        live.log_plot("cosine", points, x="snr_db", y="cosine", template="simple",
+                      title="Feature cosine similarity vs SNR", x_label="SNR (dB)", y_label="cosine(clean, noisy)")
+    return [Path(live_dir) / "plots" / "custom" / f"{name}.json" for name in ("change_rate", "cosine")]
