@@ -46,8 +46,8 @@ def floor_subset(pool: dict, labels: np.ndarray) -> dict:
         have = np.flatnonzero(pool["labels"] == c)
         if len(have) < n:
             raise ConfigError(f"evaluate.floor_pool: the cached train pool has {len(have)} images of class {c} "
-                              f"but the samples have {n}; raise evaluate.floor_pool to at least "
-                              f"{len(labels) * len(pool['labels']) // max(len(have), 1)} (or sample fewer)")
+                              f"but the samples have {n}; raise evaluate.floor_pool to at least the number of "
+                              f"samples ({len(labels)}), or sample fewer")
         picked.append(have[:n])
     index = np.concatenate(picked)
     return {k: (v[index] if v is not None else None) for k, v in pool.items()}
@@ -72,11 +72,11 @@ def main() -> None:
     args = parser.parse_args()
     require_git_commit()
     cfg = load_params(args.params)["evaluate"]
+    extractor = InceptionFeatures(cfg["inception_weights"])  # resolves and checks the weights first
     reference = load_features(Path(args.reference) / "val.npz")
     pool = load_features(Path(args.reference) / "train.npz")
     images, labels, _ = load_samples(Path(args.samples))
     floor = floor_subset(pool, labels)  # checked before the slow Inception pass
-    extractor = InceptionFeatures(cfg["inception_weights"])
     feats = extractor(images, batch_size=cfg["batch_size"], desc="evaluate samples")
     scores = sample_metrics(feats, reference, cfg["kid_subset_size"], cfg["kid_subsets"], cfg["seed"])
     floor_scores = sample_metrics(floor, reference, cfg["kid_subset_size"], cfg["kid_subsets"], cfg["seed"])

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
-from conftest import TINY_DAG, dvc, needs_fmnist, sh, update_params
+from conftest import TINY_DAG, dvc, expect_error, needs_fmnist, sh, update_params
+from digit.decoder import DecoderConfig, TokenDecoder, save_decoder
+from digit.fid import load_features, save_features
 
 pytestmark = [needs_fmnist, pytest.mark.slow]
 
@@ -82,3 +92,80 @@ def test_changing_the_decoder_reruns_only_its_descendants(full_repo, tmp_path):
     out = dvc("repro", repo).stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"sample", "decode", "evaluate"}, out  # the real images' Inception features stay cached
+
+
+def stage(repo, name: str, *args: str, params: dict | None = None):
+    """Run one stage in `repo` (optionally with changed params in a separate file)."""
+    extra = []
+    if params:
+        path = repo / "params-test.yaml"
+        path.write_text((repo / "params.yaml").read_text())
+        update_params(path, params)
+        extra = ["--params", str(path)]
+    return sh([sys.executable, "-m", f"stages.{name}", *args, *extra], repo, check=False,
+              env={"PYTHONPATH": str(repo)})
+
+
+def test_bad_inputs_of_the_pixel_stages_fail_early_and_clearly(full_repo, tmp_path):
+    proc = stage(full_repo, "evaluate", "--live", str(tmp_path / "live"),
+                 params={"evaluate": {"inception_weights": str(tmp_path / "missing.pth")}})
+    expect_error(proc, "evaluate.inception_weights=", "no such file")
+    assert not (tmp_path / "live").exists()
+
+    pool = load_features(full_repo / "data" / "reference" / "train.npz")
+    keep = np.concatenate([np.flatnonzero(pool["labels"] == c)[:1] for c in range(10)])
+    small = tmp_path / "reference"
+    small.mkdir()
+    save_features(small / "train.npz", {k: (v[keep] if v is not None else None) for k, v in pool.items()})
+    shutil.copy(full_repo / "data" / "reference" / "val.npz", small / "val.npz")
+    proc = stage(full_repo, "evaluate", "--reference", str(small), "--live", str(tmp_path / "live"))
+    expect_error(proc, "evaluate.floor_pool", "has 1 images of class 0 but the samples have 2")
+
+    other = TokenDecoder(DecoderConfig(vocab_size=16, code_dim=8, grid=(7, 7), image_size=28, width=32, n_attn=0))
+    save_decoder(other, {"grid": [7, 7], "vocab_size": 16}, tmp_path / "decoder")
+    proc = stage(full_repo, "decode", "--decoder", str(tmp_path / "decoder"), "--out", str(tmp_path / "png"),
+                 "--grid", str(tmp_path / "grid.png"), "--live", str(tmp_path / "live"))
+    expect_error(proc, "trained for 16 codes but the tokens have 32", "dvc repro train_decoder")
+    assert not (tmp_path / "png").exists() and not (tmp_path / "grid.png").exists()
+
+    proc = stage(full_repo, "train_decoder", "--out", str(tmp_path / "dec"), "--report", str(tmp_path / "r.json"),
+                 "--live", str(tmp_path / "live"), "--checkpoints", str(tmp_path / "ck"),
+                 params={"decoder": {"batch_size": 500}})
+    expect_error(proc, "decoder.batch_size: 500 is more than the 200 train images")
+
+
+def test_killed_decoder_training_resumes_to_the_same_weights(full_repo, tmp_path):
+    """SIGKILL after a checkpoint (adversarial term already on), re-run: same weights and metrics."""
+    repo = tmp_path / "repo"
+    sh(f"cp -a {full_repo} {repo}", tmp_path)
+    params = {"decoder": {"max_steps": 24, "checkpoint_every": 8, "adv_start": 6, "eval_every": 8}}
+    args = ("--out", "dec", "--report", "dec.json", "--live", "live", "--checkpoints", "ck")
+    stage(repo, "train_decoder", *args, params=params)
+    reference = load_file(str(repo / "dec" / "model.safetensors"))
+    report = json.loads((repo / "dec.json").read_text())
+    shutil.rmtree(repo / "dec")
+
+    path = repo / "params-test.yaml"
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train_decoder", *args, "--params", str(path)], cwd=repo,
+                            env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((repo / "ck").glob("*/step_00000016")) and time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("decoder training finished before it could be killed; make the run longer")
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (repo / "dec").exists()
+    out = sh([sys.executable, "-m", "stages.train_decoder", *args, "--params", str(path)], repo,
+             env={"PYTHONPATH": str(repo)})
+    assert "resumed from" in out.stdout + out.stderr
+    resumed = load_file(str(repo / "dec" / "model.safetensors"))
+    for name, tensor in reference.items():  # exact on CPU: same batches, RNG and optimizer states
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6)
+    again = json.loads((repo / "dec.json").read_text())
+    assert again["psnr"] == pytest.approx(report["psnr"], abs=1e-3)
+    assert again["rfid"] == pytest.approx(report["rfid"], abs=1e-3)
+    l1 = (repo / "live" / "plots" / "metrics" / "train" / "l1.tsv").read_text().splitlines()
+    assert [int(line.split("\t")[0]) for line in l1[1:]] == list(range(1, 25))  # curve before the kill kept
+    assert not any((repo / "ck").iterdir())
