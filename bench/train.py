@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from digit.gpt import GPT
-from digit.params import load_params
+from digit.params import Yaml12Loader, load_params
 from digit.tokens import TokenBatches, read_metadata
 from digit.training import gpt_config, sequence_loss
 
@@ -57,7 +57,7 @@ def bare_tokens_per_s(cfg, meta, batch, steps: int, precision: str = "fp32", com
 
 def stage_tokens_per_s(params: Path, tokens_dir: str, steps: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        p = yaml.safe_load(params.read_text())
+        p = yaml.load(params.read_text(), Loader=Yaml12Loader)
         p["gpt"].update(max_steps=steps, eval_every=10 * steps, checkpoint_every=10 * steps)
         (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(p))
         root = Path(__file__).resolve().parents[1]

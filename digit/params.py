@@ -7,6 +7,7 @@ a typo such as `codebok.k` is an error, never silently ignored.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,13 +196,31 @@ def validate(tree: dict) -> list[str]:
     return problems
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only true/false, never yes/no/on/off.
+
+    DVC reads and writes params.yaml as YAML 1.2 (ruamel): `dvc exp run -S ...`
+    rewrites `precision: "no"` as `precision: no`, which YAML 1.1 (PyYAML's
+    default) would read as False. With this loader the stages read exactly
+    what DVC writes and shows.
+    """
+
+
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
 def load_params(path: str | Path = "params.yaml") -> dict:
     """Read and validate params.yaml; raise ConfigError listing every problem."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: parameter file not found; run from the project root or pass --params")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(), Loader=Yaml12Loader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):

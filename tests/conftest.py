@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from digit.params import Yaml12Loader
+
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -59,7 +61,7 @@ def expect_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
 
 
 def update_params(path: Path, changes: dict) -> None:
-    params = yaml.safe_load(path.read_text())
+    params = yaml.load(path.read_text(), Loader=Yaml12Loader)
     for section, values in changes.items():
         params.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(params, sort_keys=False))

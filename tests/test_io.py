@@ -14,13 +14,13 @@ import yaml
 from conftest import ROOT
 from digit.atomic import atomic_dir, atomic_file
 from digit.errors import ConfigError
-from digit.params import load_params, validate
+from digit.params import Yaml12Loader, load_params, validate
 from digit.shards import ShardSink, encode_npy, encode_png, iter_samples
 from digit.tokens import TokenWriter, read_metadata, read_tokens, token_schema, token_stats
 
 
 def default_params() -> dict:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    return yaml.load((ROOT / "params.yaml").read_text(), Loader=Yaml12Loader)
 
 
 def test_default_params_are_valid():
@@ -52,6 +52,17 @@ def test_params_cross_field_rule_k_vs_max_points(tmp_path):
     params["codebook"].update(k=1000, max_points=500)
     problems = validate(params)
     assert len(problems) == 1 and problems[0].startswith("codebook.k: 1000 centroids")
+
+
+def test_params_read_as_dvc_writes_them(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml as YAML 1.2: `precision: "no"` becomes `precision: no`."""
+    text = (ROOT / "params.yaml").read_text().replace('precision: "no"', "precision: no")
+    assert text.count("precision: no ") == 2
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    params = load_params(path)  # YAML 1.1 would read `no` as False and fail validation
+    assert params["gpt"]["precision"] == "no" and params["decoder"]["precision"] == "no"
+    assert params["gpt"]["class_conditional"] is True and params["stability"]["snr_db"][-1] == 0.01
 
 
 def test_params_missing_key_and_file(tmp_path):

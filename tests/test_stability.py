@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from conftest import FMNIST, ROOT, expect_error, sh
+from digit.params import Yaml12Loader
 from digit.errors import ConfigError
 from digit.stability import (
     check_config, clean_input, draw_noise, log_plots, measure, noisy_input, resize_noise, run_stability,
@@ -245,7 +246,7 @@ def _schema_has_stability() -> bool:
 @pytest.mark.skipif(not _schema_has_stability(), reason="digit/params.py has no stability.* keys yet")
 def test_stage_cli(stage_inputs, tmp_path):
     images, cb = stage_inputs
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = yaml.load((ROOT / "params.yaml").read_text(), Loader=Yaml12Loader)
     params["stability"] = {**CFG, "snr_db": [30, 5], "num_images": 3, "batch_size": 4}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     args = [sys.executable, "-m", "stages.stability", "--params", str(tmp_path / "params.yaml"),
@@ -266,7 +267,7 @@ def test_stage_cli(stage_inputs, tmp_path):
 def test_params_file_with_bad_snr_list(tmp_path, snr_db):
     from digit.params import load_params
 
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = yaml.load((ROOT / "params.yaml").read_text(), Loader=Yaml12Loader)
     params["stability"] = {**CFG, "snr_db": snr_db}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with pytest.raises(ConfigError, match="stability.snr_db"):
