@@ -23,7 +23,8 @@ def image_quality(originals: np.ndarray, recons: np.ndarray) -> tuple[list[float
     """Per-image PSNR (dB) and SSIM of uint8 [N, H, W, C] pairs (scikit-image, data range 255)."""
     psnr, ssim = [], []
     for a, b in zip(originals, recons):
-        psnr.append(min(PSNR_CAP, float(peak_signal_noise_ratio(a, b, data_range=255))))
+        exact = np.array_equal(a, b)  # skimage would divide by a zero error
+        psnr.append(PSNR_CAP if exact else min(PSNR_CAP, float(peak_signal_noise_ratio(a, b, data_range=255))))
         ssim.append(float(structural_similarity(a, b, channel_axis=-1, data_range=255)))
     return psnr, ssim
 
