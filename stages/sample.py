@@ -7,6 +7,11 @@ output is the same for any number of processes: under
 `accelerate launch`/`torchrun`, rank r generates batches r, r+N, ..., and
 rank 0 merges the parts, checks that every key is there exactly once, and
 publishes the file. Its metadata records how the samples were made.
+
+Memory does not grow with the number of samples: each rank writes one row
+group per batch, and the merge streams batch b from row group b // N of part
+b % N straight into the output (ROW_GROUP_SIZE rows per row group), so rows
+come out in key order without ever holding the whole set.
 """
 
 from __future__ import annotations
@@ -26,6 +31,54 @@ from digit.errors import ConfigError
 from digit.params import load_params
 from digit.training import load_trained
 from digit.tokens import TokenWriter, token_schema
+
+ROW_GROUP_SIZE = 16384  # rows per output row group (~2 MB of tokens): the merge holds at most this + one batch
+
+
+def sample_key(index: int) -> str:
+    return f"sample_{index:07d}"
+
+
+def merge_parts(parts: Path, world: int, n_batches: int, batch_size: int, n_rows: int, schema, out: Path) -> int:
+    """Stream the ranks' part files into `out` in batch (= key) order; return the rows written.
+
+    Part r holds batches r, r+world, ... one row group each. Every batch's keys
+    are checked against the keys it must have, so a missing, duplicated or
+    foreign row stops the merge before anything is published.
+    """
+    files = []
+    for r in range(world):
+        path = parts / f"part-{r:05d}.parquet"
+        expected = len(range(r, n_batches, world))
+        files.append(pq.ParquetFile(path) if path.is_file() else None)
+        groups = files[-1].num_row_groups if files[-1] else None
+        if groups != expected:
+            raise RuntimeError(f"sample: {path.name} holds {groups} batches but rank {r} had {expected}; "
+                               "a rank failed, output not published")
+    # The parts' schema as Parquet reads it back (what the output always had), with the stage's metadata.
+    out_schema = files[0].schema_arrow.with_metadata(schema.metadata)
+    pending: list[pa.Table] = []
+    rows = 0
+    with atomic_file(out) as tmp, pq.ParquetWriter(str(tmp), out_schema, compression="zstd") as writer:
+        def flush(n: int) -> None:
+            nonlocal pending
+            table = pa.concat_tables(pending).combine_chunks()
+            writer.write_table(table.slice(0, n), row_group_size=ROW_GROUP_SIZE)
+            pending = [table.slice(n)] if n < table.num_rows else []
+
+        for b in range(n_batches):
+            table = files[b % world].read_row_group(b // world)
+            keys = table.column("key").to_pylist()
+            if keys != [sample_key(i) for i in range(b * batch_size, min(n_rows, (b + 1) * batch_size))]:
+                raise RuntimeError(f"sample: batch {b} of rank {b % world} has keys {keys[:1]}..{keys[-1:]} "
+                                   f"({len(keys)} rows), not the batch's; a rank failed, output not published")
+            pending.append(table)
+            rows += len(keys)
+            while sum(t.num_rows for t in pending) >= ROW_GROUP_SIZE:
+                flush(ROW_GROUP_SIZE)
+        if pending:
+            flush(sum(t.num_rows for t in pending))
+    return rows
 
 
 def main() -> None:
@@ -55,7 +108,8 @@ def main() -> None:
 
     schema = token_schema((gh, gw), model.config.vocab_size,
                           {"classes": meta["classes"], "sampling": settings, "encoder": meta.get("encoder")})
-    writer = TokenWriter(parts / f"part-{rank:05d}.parquet", schema, row_group_size=1 << 20)
+    # One row group per batch (every batch but the last is full): the merge reads batch by batch.
+    writer = TokenWriter(parts / f"part-{rank:05d}.parquet", schema, row_group_size=cfg["batch_size"])
     mine = range(rank, n_batches, world)
     for b in tqdm(mine, desc=f"sample rank {rank}" if world > 1 else "sample", unit="batch", position=rank):
         index = np.arange(b * cfg["batch_size"], min(len(labels), (b + 1) * cfg["batch_size"]))
@@ -64,23 +118,16 @@ def main() -> None:
         tokens = model.generate(cond, steps=gh * gw, temperature=cfg["temperature"], top_k=cfg["top_k"] or None,
                                 top_p=cfg["top_p"] if cfg["top_p"] < 1.0 else None, cfg_scale=cfg["cfg_scale"],
                                 generator=generator, batch_size=len(index))
-        writer.write([f"sample_{i:07d}" for i in index], labels[index], tokens.cpu().numpy())
+        writer.write([sample_key(i) for i in index], labels[index], tokens.cpu().numpy())
     writer.close()
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        table = pa.concat_tables(pq.read_table(p) for p in sorted(parts.glob("part-*.parquet")))
-        table = table.sort_by("key").replace_schema_metadata(schema.metadata)
-        keys = table.column("key").to_pylist()
-        if len(keys) != len(labels) or len(set(keys)) != len(keys):
-            raise RuntimeError(f"sample: merged {len(keys)} rows ({len(set(keys))} unique) but expected "
-                               f"{len(labels)}; a rank failed, output not published")
-        with atomic_file(out) as tmp:
-            pq.write_table(table, tmp, compression="zstd")
+        rows = merge_parts(parts, world, n_batches, cfg["batch_size"], len(labels), schema, out)
         for part in parts.iterdir():
             part.unlink()
         parts.rmdir()
-        print(f"sample: {len(keys)} sequences ({cfg['num_per_class']} per class x {n_classes}) "
+        print(f"sample: {rows} sequences ({cfg['num_per_class']} per class x {n_classes}) "
               f"from {world} process(es) -> {out}")
     finish(accelerator)
 

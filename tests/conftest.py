@@ -106,3 +106,14 @@ def tiny_repo(tmp_path_factory) -> Path:
     proc = dvc("repro tokenize", repo)
     repo.joinpath("repro.log").write_text(proc.stdout + proc.stderr)
     return repo
+
+
+@pytest.fixture(scope="session")
+def full_repo(tiny_repo, tmp_path_factory) -> Path:
+    """The tiny project after `dvc repro` of the whole DAG (TINY + TINY_DAG), about a minute."""
+    repo = tmp_path_factory.mktemp("full") / "repo"
+    sh(f"cp -a {tiny_repo} {repo}", repo.parent)
+    update_params(repo / "params.yaml", TINY_DAG)
+    proc = dvc("repro", repo)
+    (repo / "repro-full.log").write_text(proc.stdout + proc.stderr)
+    return repo

@@ -17,21 +17,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import TINY_DAG, dvc, expect_error, needs_fmnist, sh, update_params
+from conftest import dvc, expect_error, needs_fmnist, sh, update_params
 from digit.decoder import DecoderConfig, TokenDecoder, save_decoder
 from digit.fid import load_features, save_features
 
 pytestmark = [needs_fmnist, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def full_repo(tiny_repo, tmp_path_factory):
-    repo = tmp_path_factory.mktemp("full") / "repo"
-    sh(f"cp -a {tiny_repo} {repo}", repo.parent)
-    update_params(repo / "params.yaml", TINY_DAG)
-    proc = dvc("repro", repo)
-    (repo / "repro-full.log").write_text(proc.stdout + proc.stderr)
-    return repo
 
 
 def test_every_stage_ran_and_is_up_to_date(full_repo):
