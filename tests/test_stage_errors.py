@@ -121,3 +121,12 @@ def test_imagefolder_skip_counts_bad_files_and_fail_names_the_first(tmp_path):
     named = [name for name in ("corrupt.png", "empty.png", "notes.txt") if name in proc.stderr]
     assert len(named) == 1, proc.stderr  # the first bad file met, and only it
     assert not (tmp_path / "images2").exists() and not list(tmp_path.glob(".images2.tmp-*"))
+
+
+def test_logging_stage_in_a_git_repo_without_commits_says_how_to_fix(tmp_path):
+    """DVCLive would crash with "Empty git repo"; the stage stops first, naming the fix."""
+    sh("git init -q", tmp_path)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    proc = sh([sys.executable, "-m", "stages.decode", "--tokens", str(tmp_path / "none.parquet")], tmp_path,
+              check=False, env={"PYTHONPATH": str(ROOT)})
+    expect_error(proc, "no commit yet", "git add -A && git commit")
