@@ -106,30 +106,58 @@ def write_tiny_gpt(directory: Path, k: int, dim: int) -> None:
     save_trained(GPT(config), meta, directory)
 
 
-def peak_rss(cmd: list[str], cwd: Path, log: Path, threads: int = 1) -> tuple[float, float]:
-    """Run cmd in a fresh process; (its peak RSS in MiB, wall seconds). Raises with the log on failure."""
+# Runs `-m module args...` or `script.py args...` and, at exit, records the process's VmHWM (peak RSS).
+# The hook is registered first, so it runs after the stage's own atexit handlers but before interpreter
+# teardown: `import torch` alone adds a ~130 MB RSS spike while the interpreter shuts down (C++ static
+# destructors), the same at any N, which would otherwise only add noise to the comparison.
+RUNNER = """
+import atexit, runpy, sys
+def _peak(path=sys.argv[1]):
+    with open('/proc/self/status') as status:
+        kib = next(line.split()[1] for line in status if line.startswith('VmHWM:'))
+    with open(path, 'w') as out:
+        out.write(kib)
+atexit.register(_peak)
+if sys.argv[2] == '-m':
+    sys.argv = [sys.argv[3], *sys.argv[4:]]
+    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
+else:
+    sys.argv = sys.argv[2:]
+    runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def peak_rss(args: list[str], cwd: Path, log: Path, threads: int = 1) -> tuple[float, float, float]:
+    """Run `python RUNNER args` in a fresh process: (peak RSS of its work, peak incl. teardown, seconds).
+
+    Both in MiB: VmHWM read by the process at exit, and the os.wait4 rusage
+    ru_maxrss of this one child (which also covers interpreter teardown).
+    Raises with the log's tail if the command fails.
+    """
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads),
            "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    hwm = log.with_suffix(".hwm")
     started = time.time()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(hwm), *args], cwd=cwd, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's
         proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.time() - started
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-    return usage.ru_maxrss / 1024, seconds  # ru_maxrss is in KiB on Linux
+        raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+    return int(hwm.read_text()) / 1024, usage.ru_maxrss / 1024, seconds  # both in KiB on Linux
 
 
 def measure(n_images: int, work: Path, dim: int, k: int, max_points: int, sample_batch: int,
             stages=STAGES, threads: int = 1, log=print) -> dict[str, tuple[float, float]]:
     """Peak RSS (MiB) and seconds of each stage on N synthetic images under `work`."""
-    py = sys.executable
     started = time.time()
     features = work / "features"
-    write_features(features, n_images, dim)
-    log(f"N={n_images}: wrote features ({time.time() - started:.1f} s, "
-        f"{sum(f.stat().st_size for f in features.iterdir()) / 2**20:.0f} MiB)")
+    if {"codebook", "tokenize"} & set(stages):
+        write_features(features, n_images, dim)
+        log(f"N={n_images}: wrote features ({time.time() - started:.1f} s, "
+            f"{sum(f.stat().st_size for f in features.iterdir()) / 2**20:.0f} MiB)")
     params = write_params(work / "params.yaml", {
         "codebook": {"k": k, "niter": 10, "max_points": max_points, "seed": 0},
         "tokenize": {"batch_size": 256, "row_group_size": 2048},
@@ -138,22 +166,25 @@ def measure(n_images: int, work: Path, dim: int, k: int, max_points: int, sample
                    "top_k": 0, "top_p": 1.0, "cfg_scale": 1.0, "seed": 0},
     })
     p = ["--params", str(params)]
+    loader = work / "loader.py"
+    loader.write_text(LOADER)
     commands = {
-        "codebook": [py, "-m", "stages.codebook", *p, "--features", str(features), "--out", str(work / "codebook"),
+        "codebook": ["-m", "stages.codebook", *p, "--features", str(features), "--out", str(work / "codebook"),
                      "--report", str(work / "reports" / "codebook.json")],
-        "tokenize": [py, "-m", "stages.tokenize", *p, "--features", str(features), "--codebook",
+        "tokenize": ["-m", "stages.tokenize", *p, "--features", str(features), "--codebook",
                      str(work / "codebook"), "--out", str(work / "tokens"),
                      "--report", str(work / "reports" / "tokens.json")],
-        "gpt-data": [py, "-c", LOADER, str(work / "tokens" / "train.parquet"), "64"],
-        "sample": [py, "-m", "stages.sample", *p, "--model", str(work / "gpt"), "--out", str(work / "samples.parquet")],
+        "gpt-data": [str(loader), str(work / "tokens" / "train.parquet"), "64"],
+        "sample": ["-m", "stages.sample", *p, "--model", str(work / "gpt"), "--out", str(work / "samples.parquet")],
     }
     if "sample" in stages:
         write_tiny_gpt(work / "gpt", k, dim)
     results = {}
     for name in stages:
-        rss, seconds = peak_rss(commands[name], work, work / f"{name}.log", threads)
+        rss, with_teardown, seconds = peak_rss(commands[name], work, work / f"{name}.log", threads)
         results[name] = (rss, seconds)
-        log(f"N={n_images}: {name:9s} peak RSS {rss:7.1f} MiB  {seconds:6.1f} s")
+        log(f"N={n_images}: {name:9s} peak RSS {rss:7.1f} MiB ({with_teardown:7.1f} incl. interpreter "
+            f"teardown)  {seconds:6.1f} s")
     if "tokenize" in stages:
         import pyarrow.parquet as pq
         rows = pq.ParquetFile(work / "tokens" / "train.parquet").metadata.num_rows
@@ -176,6 +207,10 @@ def main() -> int:
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--tmp", default=None, help="parent of the temporary directory (default: system temp)")
     args = parser.parse_args()
+    for later, earlier in (("tokenize", "codebook"), ("gpt-data", "tokenize")):
+        if later in args.stages and earlier not in args.stages:
+            parser.error(f"--stages: {later} needs {earlier} (it reads its output)")
+    args.stages = [name for name in STAGES if name in args.stages]
 
     started = time.time()
     table: dict[str, dict[int, tuple[float, float]]] = {name: {} for name in args.stages}

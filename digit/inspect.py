@@ -61,11 +61,15 @@ def find_image(key: str, label: int, images: str | None, samples: str | None) ->
     if samples and (Path(samples) / f"{key}_c{label}.png").is_file():
         with Image.open(Path(samples) / f"{key}_c{label}.png") as img:
             return np.asarray(img.convert("RGB"))
-    if images and (Path(images) / "manifest.json").is_file():
+    if images:
         from digit.shards import iter_samples, read_manifest, shard_urls
 
+        try:
+            splits = read_manifest(images)["splits"]
+        except ConfigError:  # no shards there: draw the token map only
+            return None
         split = key.split("_", 1)[0]
-        if split in read_manifest(images)["splits"]:
+        if split in splits:
             for sample in iter_samples(shard_urls(images, split)):
                 if sample["__key__"] == key:
                     return sample["png"]
@@ -83,9 +87,12 @@ def code_colours(k: int) -> np.ndarray:
 def member_patches(path: str | Path, images: str | None, codes: list[int], per_code: int = 4,
                    max_rows: int = 2000) -> dict[int, list[np.ndarray]]:
     """A few image patches (grid cells) carrying each code, from the first rows of a real token file."""
-    if not images or not (Path(images) / "manifest.json").is_file():
+    from digit.shards import iter_samples, read_manifest, shard_urls
+
+    try:
+        read_manifest(images)
+    except ConfigError:
         return {}
-    from digit.shards import iter_samples, shard_urls
 
     meta = read_metadata(path)
     gh, gw = meta["grid"]

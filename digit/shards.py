@@ -11,11 +11,16 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import subprocess
+import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
+from webdataset.gopen import Pipe as WdsPipe
+from webdataset import utils as wds_utils
 from PIL import Image
 
 from digit.errors import ConfigError
@@ -26,19 +31,39 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
+def is_url_template(root: str | os.PathLike) -> bool:
+    """True when a shard root is a URL template: `{}` stands for a file name."""
+    return "{}" in str(root)
+
+
+def shard_location(root: str | os.PathLike, name: str) -> str:
+    """Where the file `name` (a shard, manifest.json) of a stage output lives.
+
+    `root` is a directory (`data/features`) or a URL template in which `{}`
+    stands for the file name: `pipe:cat /data/images/{}`,
+    `pipe:aws s3 cp s3://bucket/features/{} -`, `https://host/images/{}`.
+    """
+    root = str(root)
+    if is_url_template(root):
+        return root.replace("{}", name)
+    return f"{root.rstrip('/')}/{name}"
+
+
 def shard_urls(root: str | os.PathLike, split: str) -> list[str]:
-    """Shard paths of one split, in order, as listed by the stage's manifest.
+    """Shard paths/URLs of one split, in order, as listed by the stage's manifest.
 
     Going through the manifest (not a directory glob) means a partial or
-    foreign .tar in the directory is never read, and `root` may be any URL
-    webdataset opens (`pipe:` commands, object storage) in later stages.
+    foreign .tar in the directory is never read, and `root` may be a URL
+    template (see shard_location) that webdataset opens: `pipe:` commands,
+    http(s), object storage through its command-line client.
     """
     manifest = read_manifest(root)
     try:
         names = manifest["splits"][split]["shards"]
-    except KeyError:
-        raise ConfigError(f"{root}/manifest.json: no split '{split}'; re-run the stage that writes {root}")
-    return [f"{str(root).rstrip('/')}/{name}" for name in names]
+    except (KeyError, TypeError):
+        raise ConfigError(f"{shard_location(root, 'manifest.json')}: no split '{split}'; "
+                          f"re-run the stage that writes {root}")
+    return [shard_location(root, name) for name in names]
 
 
 # --- encoding ---------------------------------------------------------------
@@ -164,13 +189,52 @@ def decode_sample(sample: dict) -> dict:
 
 
 def iter_samples(urls: Iterable[str]) -> Iterator[dict]:
-    """Yield decoded samples from shard paths/URLs/`pipe:` commands, in order."""
+    """Yield decoded samples from shard paths/URLs/`pipe:` commands, in order.
+
+    A shard that cannot be opened or read (missing file, failed command) is a
+    ConfigError naming its URL.
+    """
     urls = list(urls)
     if not urls:
         return iter(())
     dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None,
                              workersplitter=None).map(decode_sample)
-    return iter(dataset)
+    return _reading(iter(dataset), set(urls))
+
+
+def _reading(samples: Iterator[dict], urls: set[str]) -> Iterator[dict]:
+    while True:
+        try:
+            sample = next(samples)
+        except StopIteration:
+            return
+        except (OSError, tarfile.TarError) as exc:
+            # webdataset appends the shard's URL (and its stream) to the arguments of errors from opening
+            # or reading it; a local file that cannot be opened names itself.
+            named = [getattr(exc, "filename", None), *reversed(exc.args)]
+            url = next((a for a in named if isinstance(a, str) and a in urls), None)
+            if url is None:
+                raise
+            raise ConfigError(f"{url}: cannot read this shard ({_read_failure(exc)}); check that the file "
+                              "exists and the command/URL prints it (try it in a shell); if the manifest "
+                              "lists a shard that is gone, re-run the stage that wrote it") from None
+        yield sample
+
+
+def _read_failure(exc: Exception) -> str:
+    """What went wrong reading a shard, in words: a failed command's exit status over its symptom."""
+    pipe = next((a for a in exc.args if isinstance(a, WdsPipe)), None)
+    if pipe is not None:  # a command (pipe:, curl, ...) whose output ended early: did it fail?
+        try:
+            pipe.stream.close()
+            status = pipe.proc.wait(timeout=10)
+        except Exception:  # noqa: BLE001 - best effort, the symptom below still names the problem
+            status = None
+        if status not in (None, 0, 141, -13):  # 141 / -13: SIGPIPE after we stopped reading
+            return f"the command exited with status {status}"
+    what = getattr(exc, "strerror", None) or str(exc.args[0] if exc.args else exc)
+    status = re.search(r": exit (-?\d+) \(read\)", what)  # a webdataset Pipe's own error: raw arguments + status
+    return f"the command exited with status {status.group(1)}" if status else what
 
 
 def batched(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:
@@ -185,7 +249,50 @@ def batched(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:
         yield batch
 
 
+def _read_url(url: str) -> bytes:
+    """The bytes behind a URL: `pipe:` commands through the shell, anything else through webdataset's gopen."""
+    if url.startswith("pipe:"):
+        if wds_utils.enforce_security:
+            raise OSError("pipe: URLs are disabled (WDS_SECURE=1)")
+        proc = subprocess.run(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if proc.returncode != 0:
+            said = proc.stderr.decode(errors="replace").strip().splitlines()
+            raise OSError(f"the command exited with status {proc.returncode}" + (f": {said[-1]}" if said else ""))
+        return proc.stdout
+    stream = wds.gopen(url, "rb")
+    try:
+        with stream:
+            return stream.read()
+    except OSError as exc:
+        status = getattr(stream, "status", None)
+        if status is None:
+            raise
+        # webdataset runs curl/gsutil/... as a Pipe whose own message is its raw argument tuple.
+        raise OSError(f"the download command exited with status {status}") from exc
+
+
 def read_manifest(root: str | os.PathLike) -> dict:
+    """manifest.json of a stage output: a directory, or a URL template (see shard_location)."""
+    if is_url_template(root):
+        url = shard_location(root, "manifest.json")
+        try:
+            data = _read_url(url)
+            manifest = json.loads(data)
+            if not isinstance(manifest, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON, or gopen without a handler for the scheme
+            hint = ("webdataset opens pipe:, file:, http(s):, gs:, ais:, hf: URLs; for other storage "
+                    "use its command-line client, e.g. 'pipe:aws s3 cp s3://bucket/features/{} -'"
+                    if "no gopen handler" in str(exc) else
+                    "check that the command/URL prints the file (try it in a shell) and that it points at "
+                    "a complete stage output (re-run `dvc repro`, or upload the whole directory)")
+            raise ConfigError(f"{url}: cannot read the manifest through this URL ({exc}); `{{}}` in "
+                              f"{root} stands for a file name; {hint}") from None
+        return manifest
+    text = str(root)
+    if text.startswith("pipe:") or "://" in text:
+        raise ConfigError(f"{root}: a URL or pipe: command as shard root needs `{{}}` where the file name goes, "
+                          "e.g. 'pipe:cat /data/images/{}' or 'pipe:aws s3 cp s3://bucket/features/{} -'")
     path = Path(root) / "manifest.json"
     if not path.is_file():
         raise ConfigError(f"{path}: manifest missing; {root} is not a complete stage output, re-run `dvc repro`")
