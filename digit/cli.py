@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from typing import Callable
 
+from digit.atomic import WRITE_FAILURES, OutputError
 from digit.errors import ConfigError
 
 
@@ -16,12 +19,26 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a stage's main(); configuration errors exit 2 with the message only."""
+    """Run a stage's main(); configuration errors exit 2, unwritable outputs 1, with the message only."""
     try:
         main()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except OutputError as exc:  # disk full, read-only, ...: the temporary output is already removed
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as exc:
+        # The same failures outside the atomic helpers (DVCLive logs, checkpoints), where the OS names the file.
+        name = exc.filename
+        if exc.errno not in WRITE_FAILURES or not isinstance(name, (str, bytes, os.PathLike)):
+            raise
+        name = os.fsdecode(name)
+        message = f"error: {name}: {exc.strerror}"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):  # only writes fail so
+            message += "; " + WRITE_FAILURES[exc.errno].format(where=os.path.dirname(name) or ".")
+        print(message, file=sys.stderr)
+        sys.exit(1)
 
 
 def require_git_commit() -> None:

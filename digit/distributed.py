@@ -9,14 +9,16 @@ say so, so N CPU processes split the work over gloo. (`accelerate launch
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from digit.atomic import clean_stale_tmp, tmp_sibling
+from digit.atomic import clean_stale_tmp, tmp_sibling, writing
 
 
 def launched_world_size() -> int:
@@ -42,7 +44,25 @@ def shared_tmp_dir(accelerator: Accelerator, out: Path) -> Path:
     if accelerator.is_main_process:
         clean_stale_tmp(out)
         tmp = tmp_sibling(out)
-        tmp.mkdir(parents=True)
+        with writing(out):
+            tmp.mkdir(parents=True)
         holder = [str(tmp)]
     broadcast_object_list(holder)
     return Path(holder[0])
+
+
+@contextlib.contextmanager
+def shared_tmp_output(accelerator: Accelerator, out: Path):
+    """shared_tmp_dir for a block that fills and publishes it.
+
+    A failure to write (disk full, read-only, ...) is an OutputError naming `out`, and any
+    failure removes the temporary directory on the failing rank (the other ranks then fail too),
+    so nothing half-written stays behind. A SIGKILLed run leaves it for clean_stale_tmp.
+    """
+    tmp = shared_tmp_dir(accelerator, out)
+    try:
+        with writing(out, tmp):
+            yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -186,7 +186,7 @@ def load_tokenizer(codebook_dir: str | Path, device: str | torch.device = "cpu")
     if not isinstance(enc, dict) or any(k not in enc for k in need):
         raise ConfigError(f"{meta_path}: no 'encoder' record with {', '.join(need)}; "
                           "re-run `dvc repro codebook` to rewrite it")
-    centroids = np.load(centroids_path)
+    centroids = np.load(centroids_path, allow_pickle=False)
     if centroids.ndim != 2:
         raise ConfigError(f"{centroids_path}: expected a [k, dim] array, got shape {centroids.shape}")
     encoder = build_encoder(enc["name"], enc["weights"], enc["layer"], enc["img_size"]).to(device)

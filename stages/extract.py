@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from digit.atomic import publish, write_json
 from digit.cli import run, stage_parser
-from digit.distributed import finish, make_accelerator, shared_tmp_dir
+from digit.distributed import finish, make_accelerator, shared_tmp_output
 from digit.encoders import build_encoder, describe, validate_encoder
 from digit.params import load_params
 from digit.features import encode_shard
@@ -39,43 +39,44 @@ def main() -> None:
     out = Path(args.out)
     started = time.time()
 
-    # All ranks must write into the same fresh temporary directory: rank 0 makes it.
-    tmp = shared_tmp_dir(accelerator, out)
+    # All ranks must write into the same fresh temporary directory: rank 0 makes it; a failing
+    # rank removes it again (a full disk gets its space back).
+    with shared_tmp_output(accelerator, out) as tmp:
+        encoder = build_encoder(cfg["name"], cfg["weights"], cfg["layer"], cfg["img_size"]).to(accelerator.device)
+        mine = [(split, i, url) for split in ("train", "val")
+                for i, url in enumerate(shard_urls(args.images, split)) if i % world == rank]
+        total = sum(images_manifest["splits"][s]["counts"][i] for s, i, _ in mine)
+        counts = {}
+        with tqdm(total=total, desc=f"extract rank {rank}" if world > 1 else "extract", unit="img",
+                  position=rank) as bar:
+            for split, index, url in mine:
+                n = encode_shard(encoder, url, tmp, split, index, cfg["batch_size"], cfg["precision"])
+                counts[f"{split}/{index}"] = n
+                bar.update(n)
+        (tmp / f".rank{rank}.json").write_text(json.dumps(counts))
+        accelerator.wait_for_everyone()
 
-    encoder = build_encoder(cfg["name"], cfg["weights"], cfg["layer"], cfg["img_size"]).to(accelerator.device)
-    mine = [(split, i, url) for split in ("train", "val")
-            for i, url in enumerate(shard_urls(args.images, split)) if i % world == rank]
-    total = sum(images_manifest["splits"][s]["counts"][i] for s, i, _ in mine)
-    counts = {}
-    with tqdm(total=total, desc=f"extract rank {rank}" if world > 1 else "extract", unit="img",
-              position=rank) as bar:
-        for split, index, url in mine:
-            n = encode_shard(encoder, url, tmp, split, index, cfg["batch_size"], cfg["precision"])
-            counts[f"{split}/{index}"] = n
-            bar.update(n)
-    (tmp / f".rank{rank}.json").write_text(json.dumps(counts))
-    accelerator.wait_for_everyone()
-
-    if accelerator.is_main_process:
-        done = {}
-        for part in sorted(tmp.glob(".rank*.json")):
-            done.update(json.loads(part.read_text()))
-            part.unlink()
-        manifest = {"encoder": describe(encoder), "weights": cfg["weights"], "dtype": "float16",
-                    "classes": images_manifest["classes"], "splits": {}}
-        for split, info in images_manifest["splits"].items():
-            got = [done.get(f"{split}/{i}") for i in range(len(info["shards"]))]
-            if got != info["counts"]:
-                raise RuntimeError(f"extract: {split} shard counts {got} differ from the input's "
-                                   f"{info['counts']}; a rank failed, output not published")
-            manifest["splits"][split] = {"count": info["count"], "shards": info["shards"], "counts": got}
-        write_manifest(tmp, manifest)
-        publish(tmp, out)
-        elapsed = time.time() - started
-        n_images = sum(v["count"] for v in manifest["splits"].values())
-        write_json(args.report, {"images": n_images, "seconds": round(elapsed, 2), "processes": world,
-                                 "images_per_second": round(n_images / elapsed, 1), **manifest["encoder"]})
-        print(f"extract: {n_images} images -> {out} grid {manifest['encoder']['grid']} dim {manifest['encoder']['dim']}")
+        if accelerator.is_main_process:
+            done = {}
+            for part in sorted(tmp.glob(".rank*.json")):
+                done.update(json.loads(part.read_text()))
+                part.unlink()
+            manifest = {"encoder": describe(encoder), "weights": cfg["weights"], "dtype": "float16",
+                        "classes": images_manifest["classes"], "splits": {}}
+            for split, info in images_manifest["splits"].items():
+                got = [done.get(f"{split}/{i}") for i in range(len(info["shards"]))]
+                if got != info["counts"]:
+                    raise RuntimeError(f"extract: {split} shard counts {got} differ from the input's "
+                                       f"{info['counts']}; a rank failed, output not published")
+                manifest["splits"][split] = {"count": info["count"], "shards": info["shards"], "counts": got}
+            write_manifest(tmp, manifest)
+            publish(tmp, out)
+            elapsed = time.time() - started
+            n_images = sum(v["count"] for v in manifest["splits"].values())
+            write_json(args.report, {"images": n_images, "seconds": round(elapsed, 2), "processes": world,
+                                     "images_per_second": round(n_images / elapsed, 1), **manifest["encoder"]})
+            print(f"extract: {n_images} images -> {out} grid {manifest['encoder']['grid']} "
+                  f"dim {manifest['encoder']['dim']}")
     finish(accelerator)
 
 

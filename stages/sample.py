@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from digit.atomic import atomic_file
 from digit.cli import run, stage_parser
-from digit.distributed import finish, make_accelerator, shared_tmp_dir
+from digit.distributed import finish, make_accelerator, shared_tmp_output
 from digit.errors import ConfigError
 from digit.params import load_params
 from digit.training import load_trained
@@ -104,31 +104,31 @@ def main() -> None:
     n_batches = -(-len(labels) // cfg["batch_size"])
     out = Path(args.out)
 
-    parts = shared_tmp_dir(accelerator, out)
+    # Rank 0 makes the parts folder; a failing rank removes it again (a full disk gets its space back).
+    with shared_tmp_output(accelerator, out) as parts:
+        schema = token_schema((gh, gw), model.config.vocab_size,
+                              {"classes": meta["classes"], "sampling": settings, "encoder": meta.get("encoder")})
+        # One row group per batch (every batch but the last is full): the merge reads batch by batch.
+        writer = TokenWriter(parts / f"part-{rank:05d}.parquet", schema, row_group_size=cfg["batch_size"])
+        mine = range(rank, n_batches, world)
+        for b in tqdm(mine, desc=f"sample rank {rank}" if world > 1 else "sample", unit="batch", position=rank):
+            index = np.arange(b * cfg["batch_size"], min(len(labels), (b + 1) * cfg["batch_size"]))
+            cond = torch.from_numpy(labels[index]).to(accelerator.device) if conditional else None
+            generator = torch.Generator(device=accelerator.device).manual_seed(cfg["seed"] * 1_000_003 + b)
+            tokens = model.generate(cond, steps=gh * gw, temperature=cfg["temperature"], top_k=cfg["top_k"] or None,
+                                    top_p=cfg["top_p"] if cfg["top_p"] < 1.0 else None, cfg_scale=cfg["cfg_scale"],
+                                    generator=generator, batch_size=len(index))
+            writer.write([sample_key(i) for i in index], labels[index], tokens.cpu().numpy())
+        writer.close()
+        accelerator.wait_for_everyone()
 
-    schema = token_schema((gh, gw), model.config.vocab_size,
-                          {"classes": meta["classes"], "sampling": settings, "encoder": meta.get("encoder")})
-    # One row group per batch (every batch but the last is full): the merge reads batch by batch.
-    writer = TokenWriter(parts / f"part-{rank:05d}.parquet", schema, row_group_size=cfg["batch_size"])
-    mine = range(rank, n_batches, world)
-    for b in tqdm(mine, desc=f"sample rank {rank}" if world > 1 else "sample", unit="batch", position=rank):
-        index = np.arange(b * cfg["batch_size"], min(len(labels), (b + 1) * cfg["batch_size"]))
-        cond = torch.from_numpy(labels[index]).to(accelerator.device) if conditional else None
-        generator = torch.Generator(device=accelerator.device).manual_seed(cfg["seed"] * 1_000_003 + b)
-        tokens = model.generate(cond, steps=gh * gw, temperature=cfg["temperature"], top_k=cfg["top_k"] or None,
-                                top_p=cfg["top_p"] if cfg["top_p"] < 1.0 else None, cfg_scale=cfg["cfg_scale"],
-                                generator=generator, batch_size=len(index))
-        writer.write([sample_key(i) for i in index], labels[index], tokens.cpu().numpy())
-    writer.close()
-    accelerator.wait_for_everyone()
-
-    if accelerator.is_main_process:
-        rows = merge_parts(parts, world, n_batches, cfg["batch_size"], len(labels), schema, out)
-        for part in parts.iterdir():
-            part.unlink()
-        parts.rmdir()
-        print(f"sample: {rows} sequences ({cfg['num_per_class']} per class x {n_classes}) "
-              f"from {world} process(es) -> {out}")
+        if accelerator.is_main_process:
+            rows = merge_parts(parts, world, n_batches, cfg["batch_size"], len(labels), schema, out)
+            for part in parts.iterdir():
+                part.unlink()
+            parts.rmdir()
+            print(f"sample: {rows} sequences ({cfg['num_per_class']} per class x {n_classes}) "
+                  f"from {world} process(es) -> {out}")
     finish(accelerator)
 
 

@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_params(args.params)["tokenize"]
     manifest = read_manifest(args.features)
-    centroids = np.load(Path(args.codebook) / "centroids.npy")
+    centroids = np.load(Path(args.codebook) / "centroids.npy", allow_pickle=False)
     k, dim = centroids.shape
     grid = tuple(manifest["encoder"]["grid"])
     if dim != manifest["encoder"]["dim"]:

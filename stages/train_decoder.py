@@ -49,7 +49,7 @@ def main() -> None:
     tokens_dir = Path(args.tokens)
     train = PairedImages(args.images, tokens_dir / "train.parquet", "train", cfg["shuffle_shards"])
     val = PairedImages(args.images, tokens_dir / "val.parquet", "val")
-    centroids = np.load(Path(args.codebook) / "centroids.npy")
+    centroids = np.load(Path(args.codebook) / "centroids.npy", allow_pickle=False)
     meta = train.meta
     if centroids.shape[0] != meta["vocab_size"]:
         raise ConfigError(f"{args.codebook}: {centroids.shape[0]} centroids but the tokens use "
