@@ -51,6 +51,7 @@ bench: setup
 	$(PY) bench/train.py
 	$(PY) bench/sample.py
 	$(PY) bench/inception.py
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
