@@ -19,6 +19,8 @@ import torch
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
+import digit.gpt as gpt_module
+import digit.training as training_module
 from digit.checkpoint import Progress, resume_latest, save_checkpoint
 from digit.cli import require_git_commit, run, stage_parser
 from digit.distributed import finish, make_accelerator
@@ -43,7 +45,9 @@ def main() -> None:
     read_metadata(val_path)
     config = gpt_config(cfg, meta)
 
-    ckpt_root = Path(args.checkpoints) / f"train-{run_fingerprint(cfg, train_path, val_path)}"
+    # The code is part of a run's identity too: never resume from a checkpoint written by other code.
+    code = [Path(__file__), Path(gpt_module.__file__), Path(training_module.__file__)]
+    ckpt_root = Path(args.checkpoints) / f"train-{run_fingerprint(cfg, train_path, val_path, *code)}"
     accelerator = make_accelerator(
         mixed_precision="no" if cfg["precision"] == "fp32" else cfg["precision"],
         gradient_accumulation_steps=cfg["grad_accum"], log_with="dvclive")

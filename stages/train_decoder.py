@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
+import digit.decoder as decoder_module
 from digit.atomic import write_json
 from digit.checkpoint import Progress, resume_latest, save_checkpoint
 from digit.cli import require_git_commit, run, stage_parser
@@ -71,7 +72,8 @@ def main() -> None:
     model, disc, opt_g, opt_d = accelerator.prepare(model, disc, opt_g, opt_d)
     progress = Progress()
     accelerator.register_for_checkpointing(sched, progress)
-    ckpt_root = Path(args.checkpoints) / f"decoder-{run_fingerprint(cfg, tokens_dir / 'train.parquet')}"
+    code = [Path(__file__), Path(decoder_module.__file__)]  # never resume from another code's checkpoint
+    ckpt_root = Path(args.checkpoints) / f"decoder-{run_fingerprint(cfg, tokens_dir / 'train.parquet', *code)}"
     resumed = resume_latest(accelerator, ckpt_root, Path(args.live), "train_decoder")
     accelerator.init_trackers("train_decoder", init_kwargs={"dvclive": {
         "dir": args.live, "resume": resumed, "save_dvc_exp": False, "dvcyaml": False, "report": None}})
