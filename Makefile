@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup dataset weights repro test bench clean
+.PHONY: setup dataset weights repro test bench ablation seeds clean
 
 # Re-installs only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -52,6 +52,33 @@ bench: setup
 	$(PY) bench/sample.py
 	$(PY) bench/inception.py
 	$(PY) bench/scale.py
+
+# The tokenizer ablation (README "Tokenizer ablation"): the default arm is the workspace run,
+# the others are queued experiments with the same GPT/decoder budget and seeds, run one at a time.
+ABLATION_ARMS := \
+	"abl-pixels -S encoder.name=pixels -S encoder.weights=none" \
+	"abl-random -S encoder.weights=none"
+# The spread of the default over base.seed (0 is the workspace run).
+SEED_ARMS := "seed-1 -S base.seed=1" "seed-2 -S base.seed=2"
+SHOW := dvc exp show --only-changed --md --drop 'k_sweep|rows|.*snr(30|25|15|5|1|0p01)|cosine.*|realised.*|seconds.*'
+
+ablation: setup
+	dvc repro
+	dvc queue remove --all >/dev/null
+	@for arm in $(ABLATION_ARMS); do set -- $$arm; dvc exp remove $$1 >/dev/null 2>&1 || true; \
+		dvc exp run --queue -n $$arm; done
+	dvc queue start -j 1
+	@bash .ci/wait-queue
+	$(SHOW)
+
+seeds: setup
+	dvc repro
+	dvc queue remove --all >/dev/null
+	@for arm in $(SEED_ARMS); do set -- $$arm; dvc exp remove $$1 >/dev/null 2>&1 || true; \
+		dvc exp run --queue -n $$arm; done
+	dvc queue start -j 1
+	@bash .ci/wait-queue
+	$(SHOW)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -20,6 +20,16 @@ counts from the end (-1 = last). Note timm itself reads an *int* `indices` as
 `img_size` (square input side) must be a multiple of the layer's stride, so the
 grid is exactly img_size / stride (tf_efficientnet_lite0, layer -2, 112 px: 7x7x112;
 DINOv2 ViT-B/14, layer -3, 224 px: 16x16x768).
+
+Two controls for the paper's tokenizer comparison (README "Tokenizer ablation"):
+  name "pixels"   the reconstructive baseline: raw pixel patches, no network. The image
+                  takes exactly the encoder's input path (resize to img_size, / 255) and
+                  is cut into patch_size x patch_size x 3 patches, so at 112 px and
+                  patch 16 the grid is the default encoder's 7x7 (dim 768, values in
+                  [0, 1], no normalisation). weights must be "none"; layer is unused.
+  weights "none"  timm's random initialisation, seeded by `seed` (base.seed), with
+                  BatchNorm at its init statistics (mean 0, var 1). The seed is
+                  recorded by describe(), so `stability` rebuilds the same network.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from digit.atomic import atomic_file
 from digit.errors import ConfigError
 
 DEFAULT_ENCODER = "tf_efficientnet_lite0"
+PIXELS = "pixels"
 PAPER_ENCODER = "vit_base_patch14_reg4_dinov2.lvd142m"
 WEIGHT_SOURCES = ("package", "hub", "none")
 
@@ -161,8 +172,26 @@ def _check_weights(name: str, weights: str, model: torch.nn.Module) -> None:
         )
 
 
-def _resolve(name: str, weights: str, layer: int, img_size: int) -> dict:
+def _resolve_pixels(weights: str, img_size: int, patch_size: int) -> dict:
+    if weights != "none":
+        raise ConfigError(f"encoder.name=pixels has no weights, but encoder.weights={weights!r}; "
+                          "set encoder.weights=none")
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ConfigError(f"encoder.patch_size={patch_size!r}: expected a positive integer (16 gives the "
+                          "default encoder's 7x7 grid at 112 px)")
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0 or img_size % patch_size:
+        near = patch_size * max(1, round(img_size / patch_size)) if isinstance(img_size, (int, float)) else 112
+        raise ConfigError(f"encoder.img_size={img_size!r} must be a positive multiple of "
+                          f"encoder.patch_size={patch_size} for encoder.name=pixels, e.g. {near}")
+    side = img_size // patch_size
+    return {"index": None, "stride": patch_size, "grid": (side, side), "dim": 3 * patch_size**2,
+            "fixed_size": False}
+
+
+def _resolve(name: str, weights: str, layer: int, img_size: int, patch_size: int = 16) -> dict:
     """Validate everything cheaply (meta-device model, no weights); return the geometry."""
+    if name == PIXELS:
+        return _resolve_pixels(weights, img_size, patch_size)
     _check_name(name)
     model = _meta_model(name)
     _check_weights(name, weights, model)
@@ -194,9 +223,9 @@ def _resolve(name: str, weights: str, layer: int, img_size: int) -> dict:
     return {"index": index, "stride": stride, "grid": (gh, gw), "dim": dim, "fixed_size": fixed}
 
 
-def validate_encoder(name: str, weights: str, layer: int, img_size: int) -> None:
+def validate_encoder(name: str, weights: str, layer: int, img_size: int, patch_size: int = 16) -> None:
     """Raise ConfigError naming the bad `encoder.*` key before any heavy work."""
-    _resolve(name, weights, layer, img_size)
+    _resolve(name, weights, layer, img_size, patch_size)
 
 
 # ----------------------------------------------------------------- building
@@ -229,16 +258,17 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
 class FeatureEncoder(torch.nn.Module):
     """Frozen timm model -> patch features [B, gh, gw, D] at one intermediate layer."""
 
-    def __init__(self, model: torch.nn.Module, name: str, weights: str, layer: int, img_size: int, geo: dict):
+    def __init__(self, model: torch.nn.Module | None, name: str, weights: str, layer: int, img_size: int,
+                 geo: dict, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), seed: int | None = None):
         super().__init__()
         self.model, self.name, self.weights, self.layer, self.img_size = model, name, weights, layer, img_size
         self.index, self.stride, self.grid, self.dim = geo["index"], geo["stride"], geo["grid"], geo["dim"]
+        self.seed = seed  # of the random init (weights "none"), else None
         # Token models (ViT family, fixed input size) are read after their final
         # LayerNorm, as DINOv2 publishes its features; CNN stages have no such norm.
         self.final_norm = geo["fixed_size"]
-        cfg = timm.data.resolve_data_config({}, model=model)
-        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.eval()
 
     def train(self, mode: bool = True) -> "FeatureEncoder":
@@ -274,11 +304,35 @@ class FeatureEncoder(torch.nn.Module):
         return self._features((x - self.mean) / self.std)
 
 
-def build_encoder(name: str, weights: str, layer: int, img_size: int) -> FeatureEncoder:
-    """Validate, then create the frozen encoder (see the module docstring for `weights`)."""
-    geo = _resolve(name, weights, layer, img_size)
+class PixelPatches(FeatureEncoder):
+    """The `pixels` tokenizer input: [B, 3, S, S] in [0, 1] -> patches [B, S/p, S/p, 3 p^2].
+
+    Same input path as a network encoder (so noise, resizing and K are
+    identical in the comparison); each patch is flattened channel-major.
+    """
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.stride
+        b, c, h, w = x.shape
+        patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        return patches.reshape(b, h // p, w // p, c * p * p).contiguous()
+
+
+def build_encoder(name: str, weights: str, layer: int, img_size: int, patch_size: int = 16,
+                  seed: int = 0) -> FeatureEncoder:
+    """Validate, then create the frozen encoder (see the module docstring for `weights`).
+
+    `patch_size` is read only by name "pixels", `seed` only by weights "none".
+    """
+    geo = _resolve(name, weights, layer, img_size, patch_size)
+    if name == PIXELS:
+        return PixelPatches(None, name, weights, layer, img_size, geo)
     kw = {"img_size": img_size} if geo["fixed_size"] else {}
-    model = timm.create_model(name, pretrained=weights == "hub", **kw)
+    # A seeded, private RNG for the random init: the same seed always builds the same
+    # network, and the caller's global RNG stream is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=weights == "hub", **kw)
     if weights == "package":
         _load_weights(model, package_weights_path())
     elif weights not in WEIGHT_SOURCES:
@@ -291,7 +345,9 @@ def build_encoder(name: str, weights: str, layer: int, img_size: int) -> Feature
         # oneDNN's convolutions run ~1.6x faster on CPU in channels-last layout
         # (measured: 165 -> 265 img/s for the default); GPUs with tensor cores prefer it too.
         model.to(memory_format=torch.channels_last)
-    return FeatureEncoder(model, name, weights, layer, img_size, geo)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return FeatureEncoder(model, name, weights, layer, img_size, geo, cfg["mean"], cfg["std"],
+                          seed=seed if weights == "none" else None)
 
 
 def describe(encoder: FeatureEncoder) -> dict:
@@ -304,4 +360,6 @@ def describe(encoder: FeatureEncoder) -> dict:
         "grid": list(encoder.grid),
         "dim": int(encoder.dim),
         "stride": encoder.stride,
+        **({"patch_size": encoder.stride} if encoder.name == PIXELS else {}),
+        **({"seed": encoder.seed} if encoder.seed is not None else {}),
     }

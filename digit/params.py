@@ -48,8 +48,15 @@ def _names(types) -> str:
 
 
 PRECISIONS = ("no", "fp32", "bf16", "fp16")  # "no" (Accelerate's name) == "fp32"
+# base.seed steps every stage seed by this much; section seeds stay below it, and the sum stays
+# below 2**31 (faiss and numpy's legacy seeding take 32-bit ints).
+SEED_STRIDE = 10**6
+MAX_BASE_SEED = 2000
 
 SCHEMA: dict[str, Spec] = {
+    # every stage with randomness of its own (see seed_for)
+    "base.seed": Spec(int, min=0, max=MAX_BASE_SEED,
+                      help="run seed; each stage uses its section's seed + %d * base.seed" % SEED_STRIDE),
     # prepare
     "data.source": Spec(str, choices=("fashion-mnist", "imagefolder")),
     "data.root": Spec(str),
@@ -58,11 +65,12 @@ SCHEMA: dict[str, Spec] = {
     "data.image_size": Spec(int, min=8, max=4096),
     "data.shard_size": Spec(int, min=1),
     "data.on_bad_image": Spec(str, choices=("skip", "fail")),
-    "data.seed": Spec(int, min=0),
+    "data.seed": Spec(int, min=0, max=SEED_STRIDE - 1),
     # extract
     "encoder.name": Spec(str),
     "encoder.weights": Spec(str, help="package | hub | none | path to a checkpoint"),
-    "encoder.layer": Spec(int),
+    "encoder.layer": Spec(int, help="unused by encoder.name=pixels"),
+    "encoder.patch_size": Spec(int, min=1, help="encoder.name=pixels only: patch side at encoder.img_size"),
     "encoder.img_size": Spec(int, min=16, max=4096),
     "encoder.batch_size": Spec(int, min=1),
     "encoder.precision": Spec(str, choices=PRECISIONS),
@@ -70,7 +78,7 @@ SCHEMA: dict[str, Spec] = {
     "codebook.k": Spec(int, min=2),
     "codebook.niter": Spec(int, min=1),
     "codebook.max_points": Spec(int, min=2),
-    "codebook.seed": Spec(int, min=0),
+    "codebook.seed": Spec(int, min=0, max=SEED_STRIDE - 1),
     # tokenize
     "tokenize.batch_size": Spec(int, min=1, help="images per assignment batch"),
     "tokenize.row_group_size": Spec(int, min=1, help="Parquet rows per row group"),
@@ -96,7 +104,7 @@ SCHEMA: dict[str, Spec] = {
     "gpt.precision": Spec(str, choices=PRECISIONS),
     "gpt.eval_every": Spec(int, min=1),
     "gpt.checkpoint_every": Spec(int, min=1),
-    "gpt.seed": Spec(int, min=0),
+    "gpt.seed": Spec(int, min=0, max=SEED_STRIDE - 1),
     # sample
     "sample.num_per_class": Spec(int, min=1),
     "sample.batch_size": Spec(int, min=1),
@@ -104,7 +112,7 @@ SCHEMA: dict[str, Spec] = {
     "sample.top_k": Spec(int, min=0, help="0 = off"),
     "sample.top_p": Spec(float, min=0.0, max=1.0, help="in (0, 1]; 1 = off"),
     "sample.cfg_scale": Spec(float, min=0.0, help="1 = no classifier-free guidance"),
-    "sample.seed": Spec(int, min=0),
+    "sample.seed": Spec(int, min=0, max=SEED_STRIDE - 1),
     # probe
     "probe.max_train": Spec(int, min=0, help="train sequences used to fit the probes (0 = all)"),
     "probe.batch_size": Spec(int, min=1),
@@ -128,7 +136,7 @@ SCHEMA: dict[str, Spec] = {
     "decoder.checkpoint_every": Spec(int, min=1),
     "decoder.eval_images": Spec(int, min=2, help="val images reconstructed for PSNR/SSIM/rFID"),
     "decoder.shuffle_shards": Spec(int, min=1, help="image shards mixed per shuffle window"),
-    "decoder.seed": Spec(int, min=0),
+    "decoder.seed": Spec(int, min=0, max=SEED_STRIDE - 1),
     # decode
     "decode.batch_size": Spec(int, min=1),
     "decode.grid_columns": Spec(int, min=1, max=64, help="samples per class in reports/samples.png"),
@@ -139,13 +147,27 @@ SCHEMA: dict[str, Spec] = {
     "evaluate.batch_size": Spec(int, min=1),
     "evaluate.kid_subsets": Spec(int, min=1),
     "evaluate.kid_subset_size": Spec(int, min=2, help="clamped to the smaller set"),
-    "evaluate.seed": Spec(int, min=0),
+    "evaluate.seed": Spec(int, min=0, max=SEED_STRIDE - 1),
     # stability (the list's items are checked by digit.stability.check_config)
     "stability.snr_db": Spec(list, help="non-empty list of finite SNRs in dB, e.g. [30, 25, 20, 15, 10, 5, 1, 0.01]"),
     "stability.num_images": Spec(int, min=0, help="val images used (0 = all)"),
     "stability.batch_size": Spec(int, min=1, help="images per encoder batch"),
-    "stability.seed": Spec(int, min=0, help="seed of the noise"),
+    "stability.seed": Spec(int, min=0, max=SEED_STRIDE - 1, help="seed of the noise"),
+    "stability.k_sweep": Spec(list, help="extra codebook sizes measured on the same noisy features, e.g. [64, 128, 256, 1024]"),
 }
+
+
+def seed_for(params: dict, section: str | None) -> int:
+    """The seed a stage uses: its section's seed + SEED_STRIDE * base.seed (section None: base only).
+
+    base.seed = 0 leaves every stage seed as written, so runs recorded before base.seed
+    existed reproduce exactly; base.seed = 1, 2, ... re-seeds every stage at once (the
+    3-seed spread). The dataset subset (data.seed) and the evaluation sets (evaluate.seed:
+    FID reference, KID subsets) are deliberately NOT moved by base.seed: seeds are then
+    scored on the same images, and the spread measures the run, not the yardstick.
+    """
+    own = params[section]["seed"] if section else 0
+    return int(own) + SEED_STRIDE * int(params["base"]["seed"])
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

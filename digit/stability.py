@@ -68,7 +68,7 @@ from tqdm import tqdm
 
 from digit.errors import ConfigError
 
-CONFIG_KEYS = ("snr_db", "num_images", "batch_size", "seed")
+CONFIG_KEYS = ("snr_db", "num_images", "batch_size", "seed", "k_sweep")
 
 
 # ----------------------------------------------------------------- config
@@ -99,6 +99,12 @@ def check_config(cfg: dict) -> dict:
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:
         raise ConfigError(f"stability.snr_db: duplicate SNR values {', '.join(dupes)}; list each once")
+    ks = cfg["k_sweep"]
+    if not isinstance(ks, (list, tuple)) or any(isinstance(k, bool) or not isinstance(k, int) or k < 2 for k in ks):
+        raise ConfigError(f"stability.k_sweep: expected a list of codebook sizes >= 2 (may be empty), "
+                          f"e.g. [64, 128, 256, 1024]; got {ks!r}")
+    if len(set(ks)) != len(ks):
+        raise ConfigError(f"stability.k_sweep: {ks!r} lists a size twice; list each once")
     for key, lo in (("num_images", 0), ("batch_size", 1), ("seed", 0)):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -189,11 +195,13 @@ def load_tokenizer(codebook_dir: str | Path, device: str | torch.device = "cpu")
     centroids = np.load(centroids_path, allow_pickle=False)
     if centroids.ndim != 2:
         raise ConfigError(f"{centroids_path}: expected a [k, dim] array, got shape {centroids.shape}")
-    encoder = build_encoder(enc["name"], enc["weights"], enc["layer"], enc["img_size"]).to(device)
+    # Records written before the pixels/random controls existed have neither key.
+    encoder = build_encoder(enc["name"], enc["weights"], enc["layer"], enc["img_size"],
+                            enc.get("patch_size", 16), enc.get("seed", 0)).to(device)
     if centroids.shape[1] != encoder.dim:
         raise ConfigError(f"{centroids_path}: centroids have dim {centroids.shape[1]} but encoder "
                           f"{enc['name']} layer {enc['layer']} gives {encoder.dim}; re-run `dvc repro codebook`")
-    return encoder, Assigner(centroids), {"encoder": enc, "k": int(centroids.shape[0])}
+    return encoder, Assigner(centroids), {**meta, "encoder": enc, "k": int(centroids.shape[0])}
 
 
 # ----------------------------------------------------------------- measuring
@@ -202,13 +210,17 @@ def _tokens(assign, feats: torch.Tensor) -> np.ndarray:
 
 
 def measure(encoder, assign, batches: Iterable[torch.Tensor], snr_db: list[float], seed: int,
-            total: int | None = None, progress: bool = True) -> dict:
+            total: int | None = None, progress: bool = True, sweep: dict | None = None) -> dict:
     """Stream uint8 [B, H, W, 3] image batches; return the metrics (see the module docstring).
 
+    `sweep` ({K: assigner}) measures other codebook sizes on the very same clean and
+    noisy features (same images, same noise): change rate across K, nothing else varies.
     Only one batch of images and features is held at a time.
     """
     n_snr = len(snr_db)
+    sweep = dict(sorted((sweep or {}).items()))
     changed = np.zeros(n_snr, dtype=np.int64)
+    sweep_changed = {k: np.zeros(n_snr, dtype=np.int64) for k in sweep}
     cos_sum = np.zeros(n_snr, dtype=np.float64)
     real_sum = np.zeros(n_snr, dtype=np.float64)
     real_n = np.zeros(n_snr, dtype=np.int64)
@@ -222,6 +234,7 @@ def measure(encoder, assign, batches: Iterable[torch.Tensor], snr_db: list[float
             clean_in = clean_input(batch, size)
             clean_feats = encoder(clean_in)
             clean = _tokens(assign, clean_feats)
+            sweep_clean = {k: _tokens(a, clean_feats) for k, a in sweep.items()}
             repeat_changed += int((_tokens(assign, encoder(clean_in.clone())) != clean).sum())
             pipeline_changed += int((_tokens(assign, encoder(batch)) != clean).sum())
             positions += clean.size
@@ -231,6 +244,8 @@ def measure(encoder, assign, batches: Iterable[torch.Tensor], snr_db: list[float
                 noise, realised = draw_noise(x, snr, seed, j, index)
                 feats = encoder(noisy_input(clean_in, resize_noise(noise, size)))
                 changed[j] += int((_tokens(assign, feats) != clean).sum())
+                for k, a in sweep.items():
+                    sweep_changed[k][j] += int((_tokens(a, feats) != sweep_clean[k]).sum())
                 cos_sum[j] += float(F.cosine_similarity(clean64, feats.double(), dim=-1).sum())
                 ok = ~torch.isnan(realised)
                 real_sum[j] += float(realised[ok].sum())
@@ -257,6 +272,40 @@ def measure(encoder, assign, batches: Iterable[torch.Tensor], snr_db: list[float
         key = snr_key(row["snr_db"])
         out[f"change_rate_snr{key}"] = row["change_rate"]
         out[f"cosine_snr{key}"] = row["cosine"]
+    # Nested, so `dvc exp show --drop 'k_sweep'` hides it in one go.
+    out["k_sweep"] = {f"k{k}": {f"change_rate_snr{snr_key(s)}": float(sweep_changed[k][j] / positions)
+                                for j, s in enumerate(snr_db)} for k in sweep}
+    return out
+
+
+def sweep_assigners(features_dir: str | Path, codebook_meta: dict, ks: list[int], progress: bool = True) -> dict:
+    """{K: Assigner} for codebooks of other sizes fitted exactly as the `codebook` stage fitted its own.
+
+    Same train features, same sampled points (codebook.json's seed and point count), same
+    niter: only K differs. A K equal to the codebook's own reuses nothing and is refitted the same way.
+    """
+    from digit.kmeans import Assigner, fit_kmeans, sample_features
+    from digit.shards import read_manifest, shard_urls
+
+    manifest = read_manifest(features_dir)
+    if manifest.get("encoder") != codebook_meta.get("encoder"):
+        raise ConfigError(f"{features_dir}: features of encoder {manifest.get('encoder')} but the codebook was "
+                          f"fitted on {codebook_meta.get('encoder')}; re-run `dvc repro codebook`")
+    gh, gw = manifest["encoder"]["grid"]
+    n_images = manifest["splits"]["train"]["count"]
+    points = int(codebook_meta["points"])
+    too_big = [k for k in ks if k > points]
+    if too_big:
+        raise ConfigError(f"stability.k_sweep: {too_big} exceed the {points} sampled train features the "
+                          "codebook was fitted on; drop them or raise codebook.max_points")
+    if not ks:
+        return {}
+    x = sample_features(shard_urls(features_dir, "train"), n_images, gh * gw, points, int(codebook_meta["seed"]),
+                        progress=progress)
+    out = {}
+    for k in tqdm(ks, desc="k sweep codebooks", unit="codebook", disable=not progress):
+        centroids, _ = fit_kmeans(x, k, int(codebook_meta["niter"]), int(codebook_meta["seed"]))
+        out[k] = Assigner(centroids)
     return out
 
 
@@ -276,7 +325,7 @@ def image_batches(images_dir: str | Path, split: str, num_images: int, batch_siz
 
 
 def run_stability(cfg: dict, images_dir: str | Path, codebook_dir: str | Path, device: str = "cpu",
-                  progress: bool = True) -> dict:
+                  progress: bool = True, features_dir: str | Path | None = None) -> dict:
     """The whole measurement of the `stability` stage for a config dict; returns the report."""
     from digit.shards import read_manifest
 
@@ -284,10 +333,14 @@ def run_stability(cfg: dict, images_dir: str | Path, codebook_dir: str | Path, d
     manifest = read_manifest(images_dir)  # fail on a missing input before loading the encoder
     available = int(manifest.get("splits", {}).get("val", {}).get("count", 0))
     encoder, assign, info = load_tokenizer(codebook_dir, device)
+    if cfg["k_sweep"] and features_dir is None:
+        raise ConfigError("stability.k_sweep needs the train features (--features data/features); "
+                          "pass them or set stability.k_sweep: []")
     started = time.time()
+    sweep = sweep_assigners(features_dir, info, list(cfg["k_sweep"]), progress) if cfg["k_sweep"] else {}
     total = min(cfg["num_images"], available) if cfg["num_images"] else available
     result = measure(encoder, assign, image_batches(images_dir, "val", cfg["num_images"], cfg["batch_size"]),
-                     list(cfg["snr_db"]), cfg["seed"], total=total, progress=progress)
+                     list(cfg["snr_db"]), cfg["seed"], total=total, progress=progress, sweep=sweep)
     seconds = time.time() - started
     return {"encoder": info["encoder"], "k": info["k"], **result, "seconds": round(seconds, 2)}
 

@@ -15,7 +15,7 @@ from digit.atomic import atomic_dir, clean_stale_tmp, write_json
 from digit.cli import run, stage_parser
 from digit.errors import ConfigError
 from digit.kmeans import fit_kmeans, sample_features
-from digit.params import load_params
+from digit.params import load_params, seed_for
 from digit.shards import read_manifest, shard_urls
 
 
@@ -25,7 +25,8 @@ def main() -> None:
     parser.add_argument("--out", default="models/codebook")
     parser.add_argument("--report", default="reports/codebook.json")
     args = parser.parse_args()
-    cfg = load_params(args.params)["codebook"]
+    params = load_params(args.params)
+    cfg = {**params["codebook"], "seed": seed_for(params, "codebook")}  # codebook.seed moved by base.seed
     manifest = read_manifest(args.features)
     gh, gw = manifest["encoder"]["grid"]
     n_images = manifest["splits"]["train"]["count"]

@@ -20,7 +20,7 @@ from digit.atomic import publish, write_json
 from digit.cli import run, stage_parser
 from digit.distributed import finish, make_accelerator, shared_tmp_output
 from digit.encoders import build_encoder, describe, validate_encoder
-from digit.params import load_params
+from digit.params import load_params, seed_for
 from digit.features import encode_shard
 from digit.shards import read_manifest, shard_urls, write_manifest
 
@@ -30,9 +30,12 @@ def main() -> None:
     parser.add_argument("--out", default="data/features")
     parser.add_argument("--report", default="reports/extract.json")
     args = parser.parse_args()
-    cfg = load_params(args.params)["encoder"]
+    params = load_params(args.params)
+    cfg = params["encoder"]
     images_manifest = read_manifest(args.images)
-    validate_encoder(cfg["name"], cfg["weights"], cfg["layer"], cfg["img_size"])  # before any heavy work
+    # before any heavy work
+    validate_encoder(cfg["name"], cfg["weights"], cfg["layer"], cfg["img_size"], cfg["patch_size"])
+    seed = seed_for(params, None)  # of the random init (encoder.weights=none) only
 
     accelerator = make_accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -42,7 +45,8 @@ def main() -> None:
     # All ranks must write into the same fresh temporary directory: rank 0 makes it; a failing
     # rank removes it again (a full disk gets its space back).
     with shared_tmp_output(accelerator, out) as tmp:
-        encoder = build_encoder(cfg["name"], cfg["weights"], cfg["layer"], cfg["img_size"]).to(accelerator.device)
+        encoder = build_encoder(cfg["name"], cfg["weights"], cfg["layer"], cfg["img_size"], cfg["patch_size"],
+                                seed).to(accelerator.device)
         mine = [(split, i, url) for split in ("train", "val")
                 for i, url in enumerate(shard_urls(args.images, split)) if i % world == rank]
         total = sum(images_manifest["splits"][s]["counts"][i] for s, i, _ in mine)

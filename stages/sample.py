@@ -28,7 +28,7 @@ from digit.atomic import atomic_file
 from digit.cli import run, stage_parser
 from digit.distributed import finish, make_accelerator, shared_tmp_output
 from digit.errors import ConfigError
-from digit.params import load_params
+from digit.params import load_params, seed_for
 from digit.training import load_trained
 from digit.tokens import TokenWriter, token_schema
 
@@ -86,7 +86,8 @@ def main() -> None:
     parser.add_argument("--model", default="models/gpt")
     parser.add_argument("--out", default="data/samples/tokens.parquet")
     args = parser.parse_args()
-    cfg = load_params(args.params)["sample"]
+    params = load_params(args.params)
+    cfg = {**params["sample"], "seed": seed_for(params, "sample")}  # sample.seed moved by base.seed
     model, meta = load_trained(args.model)
     conditional = model.config.num_classes > 0
     if cfg["cfg_scale"] != 1.0 and not conditional:

@@ -13,7 +13,7 @@ import torch
 
 from digit.atomic import write_json
 from digit.cli import require_git_commit, run, stage_parser
-from digit.params import load_params
+from digit.params import load_params, seed_for
 from digit.stability import check_config, log_plots, run_stability, snr_key
 
 
@@ -21,16 +21,18 @@ def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--images", default="data/images")
     parser.add_argument("--codebook", default="models/codebook")
+    parser.add_argument("--features", default="data/features", help="train features, for stability.k_sweep")
     parser.add_argument("--report", default="reports/stability.json")
     parser.add_argument("--live", default="reports/stability")
     args = parser.parse_args()
     require_git_commit()
-    cfg = check_config(load_params(args.params)["stability"])
+    params = load_params(args.params)
+    cfg = check_config({**params["stability"], "seed": seed_for(params, "stability")})  # moved by base.seed
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":  # the clean tokens must repeat exactly
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    report = run_stability(cfg, args.images, args.codebook, device)
+    report = run_stability(cfg, args.images, args.codebook, device, features_dir=args.features)
     log_plots(report["rows"], args.live)
     write_json(args.report, report)
     key = "20" if 20 in cfg["snr_db"] else snr_key(cfg["snr_db"][len(cfg["snr_db"]) // 2])

@@ -25,7 +25,7 @@ from digit.checkpoint import Progress, resume_latest, save_checkpoint
 from digit.cli import require_git_commit, run, stage_parser
 from digit.distributed import finish, make_accelerator
 from digit.gpt import GPT
-from digit.params import load_params
+from digit.params import load_params, seed_for
 from digit.tokens import TokenBatches, read_metadata
 from digit.training import (drop_labels, evaluate, gpt_config, lr_lambda, run_fingerprint, save_trained,
                             sequence_loss, unigram_cross_entropy)
@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--checkpoints", default="checkpoints")
     args = parser.parse_args()
     require_git_commit()
-    cfg = load_params(args.params)["gpt"]
+    params = load_params(args.params)
+    cfg = {**params["gpt"], "seed": seed_for(params, "gpt")}  # gpt.seed moved by base.seed
     train_path, val_path = Path(args.tokens) / "train.parquet", Path(args.tokens) / "val.parquet"
     meta = read_metadata(train_path)
     read_metadata(val_path)

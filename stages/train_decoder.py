@@ -28,7 +28,7 @@ from digit.cli import require_git_commit, run, stage_parser
 from digit.decoder import DecoderConfig, PairedImages, PatchDiscriminator, TokenDecoder, save_decoder, to_unit
 from digit.distributed import finish, make_accelerator
 from digit.errors import ConfigError
-from digit.params import load_params
+from digit.params import load_params, seed_for
 from digit.reconstruction import reconstruction_report
 from digit.training import lr_lambda, run_fingerprint
 
@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     require_git_commit()
     params = load_params(args.params)
-    cfg = params["decoder"]
+    cfg = {**params["decoder"], "seed": seed_for(params, "decoder")}  # decoder.seed moved by base.seed
     tokens_dir = Path(args.tokens)
     train = PairedImages(args.images, tokens_dir / "train.parquet", "train", cfg["shuffle_shards"])
     val = PairedImages(args.images, tokens_dir / "val.parquet", "val")

@@ -38,7 +38,7 @@ TINY_DAG = {
                 "adv_start": 5, "eval_every": 5, "checkpoint_every": 5, "eval_images": 20},
     "decode": {"batch_size": 8, "grid_columns": 2},
     "evaluate": {"reference_size": 30, "floor_pool": 20, "batch_size": 10, "kid_subsets": 10},
-    "stability": {"num_images": 10, "batch_size": 10},
+    "stability": {"num_images": 10, "batch_size": 10, "k_sweep": [8, 16]},
 }
 
 
