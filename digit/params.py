@@ -57,6 +57,8 @@ SCHEMA: dict[str, Spec] = {
     # every stage with randomness of its own (see seed_for)
     "base.seed": Spec(int, min=0, max=MAX_BASE_SEED,
                       help="run seed; each stage uses its section's seed + %d * base.seed" % SEED_STRIDE),
+    "base.launcher": Spec(str, help="command that starts the multi-process stages, e.g. python, "
+                          "`torchrun --nproc_per_node 2`, `accelerate launch --multi_gpu --num_processes 8`"),
     # prepare
     "data.source": Spec(str, choices=("fashion-mnist", "imagefolder")),
     "data.root": Spec(str),
