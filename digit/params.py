@@ -155,6 +155,8 @@ SCHEMA: dict[str, Spec] = {
     "stability.num_images": Spec(int, min=0, help="val images used (0 = all)"),
     "stability.batch_size": Spec(int, min=1, help="images per encoder batch"),
     "stability.seed": Spec(int, min=0, max=SEED_STRIDE - 1, help="seed of the noise"),
+    "stability.noise_at": Spec(str, choices=("stored", "encoder_input"),
+                               help="protocol: noise at the stored image (default) or at the encoder input"),
     "stability.k_sweep": Spec(list, help="extra codebook sizes measured on the same noisy features, e.g. [64, 128, 256, 1024]"),
 }
 

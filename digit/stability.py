@@ -38,6 +38,14 @@ overshoot at Fashion-MNIST's black/white edges is not clamped: 8% of its tokens
 differ from the pipeline's tokens, so it would measure inputs the tokenizer never
 sees in the pipeline.)
 
+That is the default protocol, `noise_at: stored`: the noise lives at the image's own
+resolution, so the encoder sees it resized like the image (spatially smooth at the
+encoder's input). `noise_at: encoder_input` is the other protocol: x is the clean
+encoder input c itself (img_size x img_size, the pipeline's resize of the image), P is
+measured on c and white noise is added to c directly, no resize. Every tokenizer of the
+ablation (network encoders and `pixels`, which cuts patches from the same input) sees
+the same noisy image under either protocol; README "Tokenizer ablation" reports both.
+
 An image with P = 0 (all black) gets no noise. The noise of image i (its index
 in the val stream) at SNR index j is drawn in float64 from a torch.Generator
 seeded by SeedSequence([seed, j, i]), so results do not depend on batch_size.
@@ -68,7 +76,8 @@ from tqdm import tqdm
 
 from digit.errors import ConfigError
 
-CONFIG_KEYS = ("snr_db", "num_images", "batch_size", "seed", "k_sweep")
+CONFIG_KEYS = ("snr_db", "num_images", "batch_size", "seed", "k_sweep", "noise_at")
+NOISE_AT = ("stored", "encoder_input")
 
 
 # ----------------------------------------------------------------- config
@@ -103,6 +112,8 @@ def check_config(cfg: dict) -> dict:
     if not isinstance(ks, (list, tuple)) or any(isinstance(k, bool) or not isinstance(k, int) or k < 2 for k in ks):
         raise ConfigError(f"stability.k_sweep: expected a list of codebook sizes >= 2 (may be empty), "
                           f"e.g. [64, 128, 256, 1024]; got {ks!r}")
+    if cfg["noise_at"] not in NOISE_AT:
+        raise ConfigError(f"stability.noise_at: {cfg['noise_at']!r} is not one of {', '.join(NOISE_AT)}")
     if len(set(ks)) != len(ks):
         raise ConfigError(f"stability.k_sweep: {ks!r} lists a size twice; list each once")
     for key, lo in (("num_images", 0), ("batch_size", 1), ("seed", 0)):
@@ -210,7 +221,8 @@ def _tokens(assign, feats: torch.Tensor) -> np.ndarray:
 
 
 def measure(encoder, assign, batches: Iterable[torch.Tensor], snr_db: list[float], seed: int,
-            total: int | None = None, progress: bool = True, sweep: dict | None = None) -> dict:
+            total: int | None = None, progress: bool = True, sweep: dict | None = None,
+            noise_at: str = "stored") -> dict:
     """Stream uint8 [B, H, W, 3] image batches; return the metrics (see the module docstring).
 
     `sweep` ({K: assigner}) measures other codebook sizes on the very same clean and
@@ -230,8 +242,10 @@ def measure(encoder, assign, batches: Iterable[torch.Tensor], snr_db: list[float
         for batch in batches:
             b = len(batch)
             index = range(images, images + b)
-            x = batch.permute(0, 3, 1, 2).double() / 255.0  # [B, 3, H, W] at the stored resolution
             clean_in = clean_input(batch, size)
+            # The image the noise is scaled to and added to (module docstring): the stored image, or
+            # the encoder's input itself.
+            x = batch.permute(0, 3, 1, 2).double() / 255.0 if noise_at == "stored" else clean_in.double()
             clean_feats = encoder(clean_in)
             clean = _tokens(assign, clean_feats)
             sweep_clean = {k: _tokens(a, clean_feats) for k, a in sweep.items()}
@@ -242,7 +256,7 @@ def measure(encoder, assign, batches: Iterable[torch.Tensor], snr_db: list[float
             clean64 = clean_feats.double()
             for j, snr in enumerate(snr_db):
                 noise, realised = draw_noise(x, snr, seed, j, index)
-                feats = encoder(noisy_input(clean_in, resize_noise(noise, size)))
+                feats = encoder(noisy_input(clean_in, resize_noise(noise, size)))  # (no resize: encoder_input)
                 changed[j] += int((_tokens(assign, feats) != clean).sum())
                 for k, a in sweep.items():
                     sweep_changed[k][j] += int((_tokens(a, feats) != sweep_clean[k]).sum())
@@ -262,7 +276,7 @@ def measure(encoder, assign, batches: Iterable[torch.Tensor], snr_db: list[float
     } for j, snr in enumerate(snr_db)]
     out = {
         "num_images": images, "positions": positions, "grid": list(encoder.grid),
-        "snr_db": [float(s) for s in snr_db], "seed": seed,
+        "snr_db": [float(s) for s in snr_db], "seed": seed, "noise_at": noise_at,
         "clean_repeat_change_rate": repeat_changed / positions,
         "clean_vs_pipeline_change_rate": pipeline_changed / positions,
         "zero_power_images": zero_power,
@@ -340,7 +354,8 @@ def run_stability(cfg: dict, images_dir: str | Path, codebook_dir: str | Path, d
     sweep = sweep_assigners(features_dir, info, list(cfg["k_sweep"]), progress) if cfg["k_sweep"] else {}
     total = min(cfg["num_images"], available) if cfg["num_images"] else available
     result = measure(encoder, assign, image_batches(images_dir, "val", cfg["num_images"], cfg["batch_size"]),
-                     list(cfg["snr_db"]), cfg["seed"], total=total, progress=progress, sweep=sweep)
+                     list(cfg["snr_db"]), cfg["seed"], total=total, progress=progress, sweep=sweep,
+                     noise_at=cfg["noise_at"])
     seconds = time.time() - started
     return {"encoder": info["encoder"], "k": info["k"], **result, "seconds": round(seconds, 2)}
 

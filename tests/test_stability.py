@@ -20,7 +20,7 @@ from digit.stability import (
     signal_power, snr_key,
 )
 
-CFG = {"snr_db": [30, 25, 20, 15, 10, 5, 1, 0.01], "num_images": 1000, "batch_size": 64, "seed": 0, "k_sweep": []}
+CFG = {"snr_db": [30, 25, 20, 15, 10, 5, 1, 0.01], "num_images": 1000, "batch_size": 64, "seed": 0, "k_sweep": [], "noise_at": "stored"}
 SNRS = [200, 40, 20, 10, 5, 0.01]
 needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="dataset-fashion-mnist not installed (make dataset)")
 
