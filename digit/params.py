@@ -139,6 +139,30 @@ SCHEMA: dict[str, Spec] = {
     "decoder.eval_images": Spec(int, min=2, help="val images reconstructed for PSNR/SSIM/rFID"),
     "decoder.shuffle_shards": Spec(int, min=1, help="image shards mixed per shuffle window"),
     "decoder.seed": Spec(int, min=0, max=SEED_STRIDE - 1),
+    # train_vqgan + vq_tokenize (checked further by digit.vqgan.VQGANConfig)
+    "vqgan.grid": Spec(int, min=1, help="tokens per side, the DiGIT grid"),
+    "vqgan.k": Spec(int, min=2),
+    "vqgan.dim": Spec(int, min=1),
+    "vqgan.width": Spec(int, min=4),
+    "vqgan.n_res": Spec(int, min=0),
+    "vqgan.beta": Spec(float, min=0.0),
+    "vqgan.ema": Spec(bool),
+    "vqgan.decay": Spec(float, min=0.0, max=1.0),
+    "vqgan.restart_every": Spec(int, min=0, help="0 = never"),
+    "vqgan.dead_threshold": Spec(float, min=0.0),
+    "vqgan.batch_size": Spec(int, min=1, help="images per process per step"),
+    "vqgan.max_steps": Spec(int, min=1),
+    "vqgan.lr": Spec(float, min=0.0, max=1.0),
+    "vqgan.warmup_steps": Spec(int, min=0),
+    "vqgan.grad_clip": Spec(float, min=0.0, help="0 = off"),
+    "vqgan.adv_weight": Spec(float, min=0.0),
+    "vqgan.adv_start": Spec(int, min=0),
+    "vqgan.precision": Spec(str, choices=PRECISIONS),
+    "vqgan.eval_every": Spec(int, min=1),
+    "vqgan.checkpoint_every": Spec(int, min=1),
+    "vqgan.eval_images": Spec(int, min=2),
+    "vqgan.shuffle_shards": Spec(int, min=1),
+    "vqgan.seed": Spec(int, min=0, max=SEED_STRIDE - 1),
     # decode
     "decode.batch_size": Spec(int, min=1),
     "decode.grid_columns": Spec(int, min=1, max=64, help="samples per class in reports/samples.png"),
@@ -207,7 +231,8 @@ def validate(tree: dict) -> list[str]:
             problems.append(f"gpt.n_embd: {flat['gpt.n_embd']} is not divisible by gpt.n_head={flat['gpt.n_head']}")
         if flat["sample.top_p"] <= 0:
             problems.append("sample.top_p: must be in (0, 1]; use 1 to turn nucleus sampling off")
-        fp16 = [k for k in ("encoder.precision", "gpt.precision", "decoder.precision") if flat[k] == "fp16"]
+        fp16 = [k for k in ("encoder.precision", "gpt.precision", "decoder.precision", "vqgan.precision")
+                if flat[k] == "fp16"]
         if fp16:
             import torch
 

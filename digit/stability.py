@@ -323,6 +323,53 @@ def sweep_assigners(features_dir: str | Path, codebook_meta: dict, ks: list[int]
     return out
 
 
+@torch.no_grad()
+def measure_vq(model, batches: Iterable[torch.Tensor], snr_db: list[float], seed: int, total: int | None = None,
+               progress: bool = True) -> dict:
+    """The reconstructive VQ tokenizer (stage train_vqgan) under exactly the same noise as `measure`.
+
+    The VQGAN reads images at their stored resolution, so the noisy image is x + n with
+    the very n `measure` draws for the stored protocol (same seed, SNR index and image
+    index), unclipped; under either protocol it is the noise at the VQGAN's input.
+    Clean tokens are the pipeline's (`vq_tokenize` encodes the uint8 images); cosine
+    compares the encoder outputs before quantization.
+    """
+    model = model.eval()
+    device = next(model.parameters()).device
+    n_snr = len(snr_db)
+    changed, cos_sum = np.zeros(n_snr, dtype=np.int64), np.zeros(n_snr, dtype=np.float64)
+    positions = images = pipeline_changed = 0
+
+    def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = model.encoder(model._input(x.float().to(device)))
+        return model.quantizer.lookup(z), z.permute(0, 2, 3, 1).double()
+
+    with tqdm(total=total, desc="stability vq", unit="img", disable=not progress) as bar:
+        for batch in batches:
+            b = len(batch)
+            index = range(images, images + b)
+            x = batch.permute(0, 3, 1, 2).double() / 255.0
+            clean = model.encode(batch.to(device))
+            clean_x, clean_z = encode(x)
+            pipeline_changed += int((clean_x != clean).sum())
+            positions += clean.numel()
+            for j, snr in enumerate(snr_db):
+                noise, _ = draw_noise(x, snr, seed, j, index)
+                ids, z = encode(x + noise)
+                changed[j] += int((ids != clean).sum())
+                cos_sum[j] += float(F.cosine_similarity(clean_z, z, dim=-1).sum())
+            images += b
+            bar.update(b)
+    out = {"k": model.config.k, "grid": [model.config.grid] * 2, "num_images": images,
+           "clean_vs_pipeline_change_rate": pipeline_changed / max(positions, 1),
+           "rows": [{"snr_db": float(s), "change_rate": float(changed[j] / positions),
+                     "cosine": float(cos_sum[j] / positions)} for j, s in enumerate(snr_db)]}
+    for row in out["rows"]:
+        out[f"change_rate_snr{snr_key(row['snr_db'])}"] = row["change_rate"]
+        out[f"cosine_snr{snr_key(row['snr_db'])}"] = row["cosine"]
+    return out
+
+
 def image_batches(images_dir: str | Path, split: str, num_images: int, batch_size: int) -> Iterator[torch.Tensor]:
     """uint8 [B, H, W, 3] batches of the first num_images (0 = all) images of a split, in shard order."""
     from digit.shards import batched, iter_samples, shard_urls
@@ -339,7 +386,8 @@ def image_batches(images_dir: str | Path, split: str, num_images: int, batch_siz
 
 
 def run_stability(cfg: dict, images_dir: str | Path, codebook_dir: str | Path, device: str = "cpu",
-                  progress: bool = True, features_dir: str | Path | None = None) -> dict:
+                  progress: bool = True, features_dir: str | Path | None = None,
+                  vqgan_dir: str | Path | None = None) -> dict:
     """The whole measurement of the `stability` stage for a config dict; returns the report."""
     from digit.shards import read_manifest
 
@@ -357,6 +405,13 @@ def run_stability(cfg: dict, images_dir: str | Path, codebook_dir: str | Path, d
                      list(cfg["snr_db"]), cfg["seed"], total=total, progress=progress, sweep=sweep,
                      noise_at=cfg["noise_at"])
     seconds = time.time() - started
+    if vqgan_dir is not None:  # the reconstructive tokenizer, same images, same noise (paper Table 1)
+        from digit.vqgan import load_vqgan
+
+        vq, _ = load_vqgan(vqgan_dir, image_size=int(manifest["image_size"]))
+        result["vq"] = measure_vq(vq.to(device), image_batches(images_dir, "val", cfg["num_images"],
+                                                                cfg["batch_size"]),
+                                  list(cfg["snr_db"]), cfg["seed"], total=total, progress=progress)
     return {"encoder": info["encoder"], "k": info["k"], **result, "seconds": round(seconds, 2)}
 
 

@@ -36,6 +36,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -81,6 +82,7 @@ class VQGANConfig:
             (0.0 <= self.decay < 1.0, f"vqgan.decay={self.decay} must be in [0, 1) (e.g. 0.99)"),
             (self.restart_every >= 0, f"vqgan.restart_every={self.restart_every} must be >= 0 (0 = never)"),
             (self.dead_threshold >= 0, f"vqgan.dead_threshold={self.dead_threshold} must be >= 0"),
+            (self.seed >= 0, f"vqgan.seed={self.seed} must be >= 0"),
         ]
         problems = [msg for ok, msg in checks if not ok]
         if not problems and self.image_size != self.grid * 2 ** self.n_down:
@@ -243,7 +245,9 @@ class VectorQuantizer(nn.Module):
         if n_dead == 0:
             return 0
         # Seeded by (seed, step), not a stateful generator: identical on every rank and after a resume.
-        gen = torch.Generator().manual_seed(self.c.seed * 2 ** 32 + int(self.step))
+        # SeedSequence mixes both into 32 bits (the CPU generator ignores a seed's higher bits).
+        seed = np.random.SeedSequence([self.c.seed, int(self.step)]).generate_state(1)[0]
+        gen = torch.Generator().manual_seed(int(seed))
         n = flat.size(0)
         pick = torch.randperm(n, generator=gen)[:n_dead] if n >= n_dead else torch.randint(n, (n_dead,), generator=gen)
         new = flat[pick.to(flat.device)].clone()
@@ -356,3 +360,45 @@ def load_vqgan(directory: str | Path, k: int | None = None, grid: int | None = N
     model = VQGAN(config)
     model.load_state_dict(load_file(str(directory / WEIGHTS)))
     return model.eval(), json.loads((directory / META).read_text())
+
+
+# ---------------------------------------------------------------- data
+class ImageBatches:
+    """uint8 [B, H, W, 3] image batches of one split, streamed shard by shard (never loaded whole).
+
+    Shuffling permutes the shard order per epoch and mixes images within a window of
+    `window` shards (memory: window x shard size), a pure function of (seed, epoch) --
+    the same scheme as digit.decoder.PairedImages, without the token file.
+    """
+
+    def __init__(self, images: str | Path, split: str, window: int = 4):
+        from digit.shards import read_manifest, shard_urls
+
+        self.manifest = manifest = read_manifest(images)  # identifies the data (checkpoint fingerprints)
+        self.urls = shard_urls(images, split)
+        self.counts = manifest["splits"][split]["counts"]
+        self.num_rows = int(sum(self.counts))
+        self.image_size, self.classes = manifest["image_size"], manifest["classes"]
+        self.window = window
+
+    def shard(self, index: int) -> np.ndarray:
+        from digit.shards import iter_samples
+
+        return np.stack([s["png"] for s in iter_samples([self.urls[index]])])
+
+    def batches(self, batch_size: int, seed: int, epoch: int, shuffle: bool = True, limit: int = 0):
+        """Yield image batches; with shuffle, full batches only, in an order fixed by (seed, epoch)."""
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(self.urls)) if shuffle else np.arange(len(self.urls))
+        served = 0
+        for start in range(0, len(order), self.window):
+            images = np.concatenate([self.shard(int(i)) for i in order[start:start + self.window]])
+            if shuffle:
+                images = images[rng.permutation(len(images))]
+            stop = len(images) - len(images) % batch_size if shuffle else len(images)
+            for i in range(0, stop, batch_size):
+                if limit and served >= limit:
+                    return
+                take = images[i:min(i + batch_size, stop, i + (limit - served if limit else batch_size))]
+                served += len(take)
+                yield take

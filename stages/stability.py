@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--images", default="data/images")
     parser.add_argument("--codebook", default="models/codebook")
     parser.add_argument("--features", default="data/features", help="train features, for stability.k_sweep")
+    parser.add_argument("--vqgan", default="models/vqgan", help="the VQ tokenizer measured beside ('' = skip)")
     parser.add_argument("--report", default="reports/stability.json")
     parser.add_argument("--live", default="reports/stability")
     args = parser.parse_args()
@@ -32,7 +33,8 @@ def main() -> None:
     if device == "cuda":  # the clean tokens must repeat exactly
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    report = run_stability(cfg, args.images, args.codebook, device, features_dir=args.features)
+    report = run_stability(cfg, args.images, args.codebook, device, features_dir=args.features,
+                           vqgan_dir=args.vqgan or None)
     log_plots(report["rows"], args.live)
     write_json(args.report, report)
     key = "20" if 20 in cfg["snr_db"] else snr_key(cfg["snr_db"][len(cfg["snr_db"]) // 2])
