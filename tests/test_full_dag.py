@@ -29,7 +29,7 @@ def test_every_stage_ran_and_is_up_to_date(full_repo):
     assert "up to date" in status, status
     lock = (full_repo / "dvc.lock").read_text()
     for stage in ("prepare", "extract", "codebook", "tokenize", "train", "sample", "probe", "reference",
-                  "train_decoder", "decode", "evaluate", "stability"):
+                  "train_decoder", "decode", "evaluate", "stability", "train_vqgan", "vq_tokenize"):
         assert f"  {stage}:" in lock, stage
 
 
@@ -122,6 +122,48 @@ def test_bad_inputs_of_the_pixel_stages_fail_early_and_clearly(full_repo, tmp_pa
                  "--live", str(tmp_path / "live"), "--checkpoints", str(tmp_path / "ck"),
                  params={"decoder": {"batch_size": 500}})
     expect_error(proc, "decoder.batch_size: 500 is more than the 200 train images")
+
+
+def test_vq_tokens_share_the_digit_token_schema_and_rows(full_repo):
+    """data/vq_tokens is row-aligned with data/tokens (the stage-2 pairs) and reads like it."""
+    import pyarrow.parquet as pq
+
+    from digit.tokens import read_metadata
+
+    for split in ("train", "val"):
+        digit_t = pq.read_table(full_repo / "data" / "tokens" / f"{split}.parquet")
+        vq_t = pq.read_table(full_repo / "data" / "vq_tokens" / f"{split}.parquet")
+        assert vq_t.schema.names == digit_t.schema.names == ["key", "label", "tokens"]
+        assert vq_t.column("key").to_pylist() == digit_t.column("key").to_pylist()
+        assert vq_t.column("label").to_pylist() == digit_t.column("label").to_pylist()
+        meta = read_metadata(full_repo / "data" / "vq_tokens" / f"{split}.parquet")
+        assert meta["grid"] == [7, 7] and meta["vocab_size"] == 16 and meta["tokenizer"] == "vq"
+        tokens = np.stack(vq_t.column("tokens").to_numpy(zero_copy_only=False))
+        assert tokens.shape == (len(vq_t), 49) and tokens.min() >= 0 and tokens.max() < 16
+    report = json.loads((full_repo / "reports" / "vqgan.json").read_text())
+    assert report["images"] == 20 and 0 < report["psnr"] < 100 and report["rfid"] > 0
+    assert 0 < report["usage"] <= 1 and 1 <= report["perplexity"] <= 16
+    stability = json.loads((full_repo / "reports" / "stability.json").read_text())
+    vq = stability["vq"]
+    assert vq["k"] == 16 and vq["num_images"] == 10 and vq["clean_vs_pipeline_change_rate"] == 0
+    assert [r["snr_db"] for r in vq["rows"]] == stability["snr_db"]
+    rates = [r["change_rate"] for r in vq["rows"]]
+    assert all(0 <= r <= 1 for r in rates) and rates[-1] >= rates[0]  # 0.01 dB moves more tokens than 30 dB
+
+
+def test_bad_vqgan_settings_fail_before_training(full_repo, tmp_path):
+    outs = ["--out", str(tmp_path / "vq"), "--report", str(tmp_path / "r.json"), "--live", str(tmp_path / "live"),
+            "--checkpoints", str(tmp_path / "ck")]
+    expect_error(stage(full_repo, "train_vqgan", *outs, params={"vqgan": {"grid": 5}}),
+                 "vqgan.grid=5", "power of two")
+    expect_error(stage(full_repo, "train_vqgan", *outs, params={"vqgan": {"k": 1}}), "vqgan.k: 1 is below the minimum 2")
+    expect_error(stage(full_repo, "train_vqgan", *outs, params={"vqgan": {"batch_size": 500}}),
+                 "vqgan.batch_size: 500 is more than the 200 train images")
+    assert not (tmp_path / "vq").exists() and not (tmp_path / "live").exists()
+    proc = stage(full_repo, "vq_tokenize", "--vqgan", str(tmp_path / "nothing"), "--out", str(tmp_path / "t"),
+                 "--report", str(tmp_path / "t.json"))
+    expect_error(proc, "not a complete VQGAN output")
+    assert not (tmp_path / "t").exists()
 
 
 def test_killed_decoder_training_resumes_to_the_same_weights(full_repo, tmp_path):
