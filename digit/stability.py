@@ -395,6 +395,11 @@ def run_stability(cfg: dict, images_dir: str | Path, codebook_dir: str | Path, d
     manifest = read_manifest(images_dir)  # fail on a missing input before loading the encoder
     available = int(manifest.get("splits", {}).get("val", {}).get("count", 0))
     encoder, assign, info = load_tokenizer(codebook_dir, device)
+    vq = None
+    if vqgan_dir is not None:  # loaded (and checked) before any measuring
+        from digit.vqgan import load_vqgan
+
+        vq, _ = load_vqgan(vqgan_dir, image_size=manifest.get("image_size"))
     if cfg["k_sweep"] and features_dir is None:
         raise ConfigError("stability.k_sweep needs the train features (--features data/features); "
                           "pass them or set stability.k_sweep: []")
@@ -405,10 +410,7 @@ def run_stability(cfg: dict, images_dir: str | Path, codebook_dir: str | Path, d
                      list(cfg["snr_db"]), cfg["seed"], total=total, progress=progress, sweep=sweep,
                      noise_at=cfg["noise_at"])
     seconds = time.time() - started
-    if vqgan_dir is not None:  # the reconstructive tokenizer, same images, same noise (paper Table 1)
-        from digit.vqgan import load_vqgan
-
-        vq, _ = load_vqgan(vqgan_dir, image_size=int(manifest["image_size"]))
+    if vq is not None:  # the reconstructive tokenizer, same images, same noise (paper Table 1)
         result["vq"] = measure_vq(vq.to(device), image_batches(images_dir, "val", cfg["num_images"],
                                                                 cfg["batch_size"]),
                                   list(cfg["snr_db"]), cfg["seed"], total=total, progress=progress)

@@ -57,7 +57,7 @@ def test_params_cross_field_rule_k_vs_max_points(tmp_path):
 def test_params_read_as_dvc_writes_them(tmp_path):
     """`dvc exp run -S` rewrites params.yaml as YAML 1.2: `precision: "no"` becomes `precision: no`."""
     text = (ROOT / "params.yaml").read_text().replace('precision: "no"', "precision: no")
-    assert text.count("precision: no ") == 2
+    assert text.count("precision: no ") == 3  # gpt, decoder, vqgan
     path = tmp_path / "params.yaml"
     path.write_text(text)
     params = load_params(path)  # YAML 1.1 would read `no` as False and fail validation

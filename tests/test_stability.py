@@ -250,7 +250,8 @@ def test_stage_cli(stage_inputs, tmp_path):
     params["stability"] = {**CFG, "snr_db": [30, 5], "num_images": 3, "batch_size": 4}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     args = [sys.executable, "-m", "stages.stability", "--params", str(tmp_path / "params.yaml"),
-            "--images", str(images), "--report", str(tmp_path / "r.json"), "--live", str(tmp_path / "live")]
+            "--images", str(images), "--report", str(tmp_path / "r.json"), "--live", str(tmp_path / "live"),
+            "--vqgan", ""]  # no VQ tokenizer in this fixture: an empty --vqgan skips its row
     env = {"PYTHONPATH": str(ROOT)}
     proc = sh([*args, "--codebook", str(cb)], ROOT, env=env)
     report = json.loads((tmp_path / "r.json").read_text())
@@ -258,6 +259,11 @@ def test_stage_cli(stage_inputs, tmp_path):
     assert "stability:" in proc.stdout
     assert (tmp_path / "live" / "plots" / "custom" / "change_rate.json").is_file()
     assert (tmp_path / "live" / "plots" / "custom" / "cosine.json").is_file()
+    # The VQ tokenizer's row is on by default: a missing VQGAN is named, not a traceback.
+    proc = sh([*args[:-2], "--vqgan", str(tmp_path / "novq"), "--codebook", str(cb),
+               "--report", str(tmp_path / "r2.json")], ROOT, env=env, check=False)
+    expect_error(proc, "novq", "not a complete VQGAN output")
+    assert not (tmp_path / "r2.json").exists()
 
     expect_error(sh([*args, "--codebook", str(tmp_path / "none")], ROOT, check=False, env=env), "centroids.npy")
 
