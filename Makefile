@@ -62,23 +62,22 @@ ABLATION_ARMS := \
 SEED_ARMS := "seed-1 -S base.seed=1" "seed-2 -S base.seed=2"
 SHOW := dvc exp show --only-changed --md --drop 'k_sweep|rows|.*snr(30|25|15|5|1|0p01)|cosine.*|realised.*|seconds.*'
 
-ablation: setup
+# $(call run_arms,ARMS): the workspace run, then each "NAME -S ..." arm queued and run one at a time.
+define run_arms
 	dvc repro
 	dvc queue remove --all >/dev/null
-	@for arm in $(ABLATION_ARMS); do set -- $$arm; dvc exp remove $$1 >/dev/null 2>&1 || true; \
+	@for arm in $(1); do set -- $$arm; dvc exp remove $$1 >/dev/null 2>&1 || true; \
 		dvc exp run --queue -n $$arm; done
 	dvc queue start -j 1
 	@bash .ci/wait-queue
 	$(SHOW)
+endef
+
+ablation: setup
+	$(call run_arms,$(ABLATION_ARMS))
 
 seeds: setup
-	dvc repro
-	dvc queue remove --all >/dev/null
-	@for arm in $(SEED_ARMS); do set -- $$arm; dvc exp remove $$1 >/dev/null 2>&1 || true; \
-		dvc exp run --queue -n $$arm; done
-	dvc queue start -j 1
-	@bash .ci/wait-queue
-	$(SHOW)
+	$(call run_arms,$(SEED_ARMS))
 
 clean:
 	rm -rf $(VENV) .pytest_cache
