@@ -52,6 +52,8 @@ PRECISIONS = ("no", "fp32", "bf16", "fp16")  # "no" (Accelerate's name) == "fp32
 # below 2**31 (faiss and numpy's legacy seeding take 32-bit ints).
 SEED_STRIDE = 10**6
 MAX_BASE_SEED = 2000
+TOKENIZER_KINDS = ("discriminative", "vq")
+DECODER_KINDS = ("direct", "stage2_ar", "stage2_nar")
 
 SCHEMA: dict[str, Spec] = {
     # every stage with randomness of its own (see seed_for)
@@ -120,7 +122,11 @@ SCHEMA: dict[str, Spec] = {
     "probe.batch_size": Spec(int, min=1),
     "probe.steps": Spec(int, min=1, help="L-BFGS iterations per layer"),
     "probe.weight_decay": Spec(float, min=0.0),
-    # train_decoder
+    # gpt_tokens: the tokens the GPT models
+    "tokenizer.kind": Spec(str, choices=TOKENIZER_KINDS, help="discriminative (DiGIT tokens) | vq (VQGAN tokens)"),
+    # train_decoder (decoder.kind: read by decode only)
+    "decoder.kind": Spec(str, choices=DECODER_KINDS,
+                         help="direct (the token decoder) | stage2_ar | stage2_nar (stage 2 + VQGAN decoder)"),
     "decoder.width": Spec(int, min=32, help="channels at grid resolution"),
     "decoder.n_attn": Spec(int, min=0, help="transformer blocks at grid resolution"),
     "decoder.n_head": Spec(int, min=1),
@@ -163,9 +169,30 @@ SCHEMA: dict[str, Spec] = {
     "vqgan.eval_images": Spec(int, min=2),
     "vqgan.shuffle_shards": Spec(int, min=1),
     "vqgan.seed": Spec(int, min=0, max=SEED_STRIDE - 1),
+    # train_stage2_ar / train_stage2_nar (checked further by digit.stage2.Stage2Config)
+    "stage2.n_layer": Spec(int, min=1),
+    "stage2.n_head": Spec(int, min=1),
+    "stage2.n_embd": Spec(int, min=1),
+    "stage2.dropout": Spec(float, min=0.0, max=0.99),
+    "stage2.batch_size": Spec(int, min=1, help="pairs per process per step"),
+    "stage2.max_steps": Spec(int, min=1),
+    "stage2.lr": Spec(float, min=0.0, max=1.0),
+    "stage2.warmup_steps": Spec(int, min=0),
+    "stage2.weight_decay": Spec(float, min=0.0),
+    "stage2.grad_clip": Spec(float, min=0.0, help="0 = off"),
+    "stage2.precision": Spec(str, choices=PRECISIONS),
+    "stage2.eval_every": Spec(int, min=1),
+    "stage2.checkpoint_every": Spec(int, min=1),
+    "stage2.eval_images": Spec(int, min=2, help="val images rendered for PSNR/SSIM/rFID"),
+    "stage2.ar_temperature": Spec(float, min=0.0, help="0 = greedy"),
+    "stage2.ar_top_p": Spec(float, min=0.0, max=1.0, help="nucleus mass in (0, 1], 1 = off; paper 0.8"),
+    "stage2.nar_temperature": Spec(float, min=0.0, help="0 = argmax, no confidence noise"),
+    "stage2.nar_steps": Spec(int, min=1, help="MaskGIT decoding passes; paper 8"),
+    "stage2.seed": Spec(int, min=0, max=SEED_STRIDE - 1),
     # decode
     "decode.batch_size": Spec(int, min=1),
     "decode.grid_columns": Spec(int, min=1, max=64, help="samples per class in reports/samples.png"),
+    "decode.seed": Spec(int, min=0, max=SEED_STRIDE - 1, help="draws of the stage-2 decoders"),
     # reference + evaluate
     "evaluate.inception_weights": Spec(str, help="offline | hub | path to an inception-v3-compat state dict"),
     "evaluate.reference_size": Spec(int, min=2, help="val images in the FID reference set"),
@@ -231,7 +258,17 @@ def validate(tree: dict) -> list[str]:
             problems.append(f"gpt.n_embd: {flat['gpt.n_embd']} is not divisible by gpt.n_head={flat['gpt.n_head']}")
         if flat["sample.top_p"] <= 0:
             problems.append("sample.top_p: must be in (0, 1]; use 1 to turn nucleus sampling off")
-        fp16 = [k for k in ("encoder.precision", "gpt.precision", "decoder.precision", "vqgan.precision")
+        if flat["stage2.n_embd"] % flat["stage2.n_head"]:
+            problems.append(f"stage2.n_embd: {flat['stage2.n_embd']} is not divisible by "
+                            f"stage2.n_head={flat['stage2.n_head']}")
+        if flat["stage2.ar_top_p"] <= 0:
+            problems.append("stage2.ar_top_p: must be in (0, 1]; use 1 to turn nucleus sampling off")
+        if flat["tokenizer.kind"] == "vq" and flat["decoder.kind"] != "direct":
+            problems.append(f"decoder.kind: {flat['decoder.kind']} translates DiGIT tokens into VQ tokens, but "
+                            "tokenizer.kind is vq: the GPT already samples VQ tokens, which the VQGAN decoder "
+                            "renders; set decoder.kind: direct (or tokenizer.kind: discriminative)")
+        fp16 = [k for k in ("encoder.precision", "gpt.precision", "decoder.precision", "vqgan.precision",
+                            "stage2.precision")
                 if flat[k] == "fp16"]
         if fp16:
             import torch

@@ -1,9 +1,13 @@
 """Stage `decode`: generated token grids -> PNG files and a per-class sample grid.
 
-data/samples/tokens.parquet is rendered by models/decoder into
-data/samples/images/<key>_c<label>.png, listed with label and class name in
-data/samples/images/manifest.json (which also records how the tokens were
-sampled). reports/samples.png shows one row per class (the first
+data/samples/tokens.parquet is rendered into data/samples/images/<key>_c<label>.png
+(digit.render): VQ tokens (tokenizer.kind: vq) by the VQGAN decoder; DiGIT tokens as
+decoder.kind says: `direct` by models/decoder, `stage2_ar` / `stage2_nar` through the
+stage-2 model (models/stage2_ar, models/stage2_nar) into VQ tokens, then the VQGAN
+decoder. The images are listed with label and class name in
+data/samples/images/manifest.json, which also records how the tokens were sampled,
+and how they were rendered; reports/decode.json the rendering time per image (kept out of
+the images folder, so the same tokens always give byte-identical outputs). reports/samples.png shows one row per class (the first
 decode.grid_columns samples of each) and is logged with DVCLive (reports/decode/)
 so `dvc plots show` / `dvc plots diff` put it beside other experiments'.
 """
@@ -11,6 +15,7 @@ so `dvc plots show` / `dvc plots diff` put it beside other experiments'.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +24,10 @@ from dvclive import Live
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from digit.atomic import atomic_dir, atomic_file, clean_stale_tmp
+from digit.atomic import atomic_dir, atomic_file, clean_stale_tmp, write_json
 from digit.cli import require_git_commit, run, stage_parser
-from digit.decoder import load_decoder
-from digit.params import load_params
+from digit.params import load_params, seed_for
+from digit.render import load_renderer, stage2_dir_for, stage2_sampling
 from digit.tokens import read_tokens
 
 
@@ -45,26 +50,34 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, classes: list[str], colu
 def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--tokens", default="data/samples/tokens.parquet")
-    parser.add_argument("--decoder", default="models/decoder")
+    parser.add_argument("--decoder", default="models/decoder", help="decoder.kind direct (stage train_decoder)")
+    parser.add_argument("--vqgan", default="models/vqgan", help="renders VQ tokens (stage train_vqgan)")
+    parser.add_argument("--stage2-ar", default="models/stage2_ar", help="decoder.kind stage2_ar")
+    parser.add_argument("--stage2-nar", default="models/stage2_nar", help="decoder.kind stage2_nar")
     parser.add_argument("--out", default="data/samples/images")
     parser.add_argument("--grid", default="reports/samples.png")
     parser.add_argument("--live", default="reports/decode")
+    parser.add_argument("--report", default="reports/decode.json", help="renderer and time per image")
     args = parser.parse_args()
     require_git_commit()
-    cfg = load_params(args.params)["decode"]
+    params = load_params(args.params)
+    cfg, kind = params["decode"], params["decoder"]["kind"]
     tokens, labels, keys, meta = read_tokens(args.tokens)
-    model, _ = load_decoder(args.decoder, vocab_size=meta["vocab_size"], grid=tuple(meta["grid"]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device)
+    sampling = stage2_sampling(params["stage2"], kind) if kind != "direct" else None
+    renderer = load_renderer(meta, kind, device, decoder_dir=args.decoder, vqgan_dir=args.vqgan,
+                             stage2_dir=stage2_dir_for(kind, args.stage2_ar, args.stage2_nar), sampling=sampling,
+                             seed=seed_for(params, "decode"))
     classes = meta.get("classes") or [str(c) for c in range(int(labels.max()) + 1)]
 
     out = Path(args.out)
     clean_stale_tmp(out)
-    rendered, entries = [], []
+    rendered, entries, seconds = [], [], 0.0
     with atomic_dir(out) as tmp:
-        for start in tqdm(range(0, len(keys), cfg["batch_size"]), desc="decode", unit="batch"):
-            batch = torch.from_numpy(tokens[start:start + cfg["batch_size"]]).to(device)
-            images = model.decode(batch).cpu().numpy()
+        for start in tqdm(range(0, len(keys), cfg["batch_size"]), desc=f"decode ({renderer.kind})", unit="batch"):
+            started = time.perf_counter()
+            images = renderer.render(tokens[start:start + cfg["batch_size"]])
+            seconds += time.perf_counter() - started
             for key, label, image in zip(keys[start:], labels[start:], images):
                 name = f"{key}_c{int(label)}.png"
                 Image.fromarray(image).save(tmp / name)
@@ -72,14 +85,18 @@ def main() -> None:
             rendered.append(images)
         (tmp / "manifest.json").write_text(json.dumps(
             {"count": len(entries), "classes": classes, "sampling": meta.get("sampling"),
-             "decoder": args.decoder, "images": entries}, indent=1) + "\n")
+             "tokenizer": meta.get("tokenizer", "discriminative"), "renderer": renderer.kind,
+             "stage2_sampling": sampling, "images": entries}, indent=1) + "\n")
 
     grid = sample_grid(np.concatenate(rendered), labels, classes, cfg["grid_columns"])
     with atomic_file(args.grid) as tmp:
         grid.save(tmp, format="PNG")
+    write_json(args.report, {"renderer": renderer.kind, "images": len(entries), "device": str(device),
+                             "seconds_per_image": round(seconds / max(len(entries), 1), 6)})
     with Live(args.live, save_dvc_exp=False, dvcyaml=False, report=None) as live:
         live.log_image("samples.png", grid)
-    print(f"decode: {len(entries)} images -> {out}, grid {args.grid}")
+    print(f"decode: {len(entries)} images rendered by {renderer.kind} ({1000 * seconds / max(len(entries), 1):.2f} "
+          f"ms/image) -> {out}, grid {args.grid}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ weights do not: `isc_mean` is then null and `isc_unavailable` says why).
 `fid_floor` is the FID of real train images (same count and class mix as the
 samples, from data/reference/train.npz) against the same reference: what a
 perfect generator would score at this sample size. The file is written
-through DVCLive, flat, so `dvc exp show` lists fid beside train/val loss,
-probe top-1 and decoder PSNR/rFID (copied from their reports).
+through DVCLive, so `dvc exp show` lists fid beside train/val loss, probe top-1,
+how the samples were tokenized and rendered (tokenizer_kind, decoder_kind, time
+per image) and the reconstruction PSNR/SSIM/rFID of that path (decoder_*) and of
+every path (rec.direct, rec.vqgan, rec.stage2_ar, rec.stage2_nar), copied from
+their reports.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--samples", default="data/samples/images")
     parser.add_argument("--reference", default="data/reference")
-    parser.add_argument("--reports", default="reports", help="reports of train, probe and train_decoder")
+    parser.add_argument("--reports", default="reports",
+                        help="reports of train, probe, train_decoder, train_vqgan, train_stage2_*, decode")
     parser.add_argument("--live", default="reports", help="DVCLive directory: writes <live>/metrics.json")
     args = parser.parse_args()
     require_git_commit()
@@ -75,7 +79,7 @@ def main() -> None:
     extractor = InceptionFeatures(cfg["inception_weights"])  # resolves and checks the weights first
     reference = load_features(Path(args.reference) / "val.npz")
     pool = load_features(Path(args.reference) / "train.npz")
-    images, labels, _ = load_samples(Path(args.samples))
+    images, labels, manifest = load_samples(Path(args.samples))
     floor = floor_subset(pool, labels)  # checked before the slow Inception pass
     feats = extractor(images, batch_size=cfg["batch_size"], desc="evaluate samples")
     scores = sample_metrics(feats, reference, cfg["kid_subset_size"], cfg["kid_subsets"], cfg["seed"])
@@ -90,10 +94,19 @@ def main() -> None:
         "train_loss": read_report(reports / "train" / "metrics.json", "train", "loss"),
         "val_loss": read_report(reports / "train" / "metrics.json", "val", "loss"),
         "probe_top1": read_report(reports / "probe.json", "best_val_top1"),
-        "decoder_psnr": read_report(reports / "decoder.json", "psnr"),
-        "decoder_ssim": read_report(reports / "decoder.json", "ssim"),
-        "decoder_rfid": read_report(reports / "decoder.json", "rfid"),
     }
+    # How the samples were rendered, and the reconstruction quality of that path (decoder_*) and of every
+    # path side by side (rec/<kind>/*: DiGIT tokens of real val images -> pixels; vqgan = VQ tokens -> pixels).
+    renderer = manifest.get("renderer", "direct")
+    metrics["tokenizer_kind"] = manifest.get("tokenizer", "discriminative")
+    metrics["decoder_kind"] = renderer
+    metrics["decode_seconds_per_image"] = read_report(reports / "decode.json", "seconds_per_image")
+    rec_reports = {"direct": "decoder.json", "vqgan": "vqgan.json", "stage2_ar": "stage2_ar.json",
+                   "stage2_nar": "stage2_nar.json"}
+    for name in ("psnr", "ssim", "rfid"):
+        metrics[f"decoder_{name}"] = read_report(reports / rec_reports[renderer], name)
+    rec = {kind: {name: read_report(reports / file, name) for name in ("psnr", "ssim", "rfid", "seconds_per_image")}
+           for kind, file in rec_reports.items()}
     if scores["isc_mean"] is None:
         metrics["isc_unavailable"] = scores["isc_unavailable_reason"]
     with Live(args.live, save_dvc_exp=False, dvcyaml=False, report=None) as live:
@@ -102,6 +115,7 @@ def main() -> None:
                 live.log_metric(name, value, plot=False)
             else:  # null (IS unavailable, a report missing) or a reason string: kept as is
                 live.summary[name] = value
+        live.summary["rec"] = rec  # nested: `dvc exp show` lists rec.stage2_ar.rfid etc.
     isc = "n/a" if metrics["isc_mean"] is None else f"{metrics['isc_mean']:.3f}"
     print(f"evaluate: FID {metrics['fid']:.3f} (floor {metrics['fid_floor']:.3f}), KID {metrics['kid_mean']:.5f}, "
           f"IS {isc}, {len(images)} samples vs {metrics['num_reference']} real -> {args.live}/metrics.json")

@@ -108,7 +108,8 @@ def main() -> None:
     # Rank 0 makes the parts folder; a failing rank removes it again (a full disk gets its space back).
     with shared_tmp_output(accelerator, out) as parts:
         schema = token_schema((gh, gw), model.config.vocab_size,
-                              {"classes": meta["classes"], "sampling": settings, "encoder": meta.get("encoder")})
+                              {"classes": meta["classes"], "sampling": settings, "encoder": meta.get("encoder"),
+                               "tokenizer": meta.get("tokenizer", "discriminative")})
         # One row group per batch (every batch but the last is full): the merge reads batch by batch.
         writer = TokenWriter(parts / f"part-{rank:05d}.parquet", schema, row_group_size=cfg["batch_size"])
         mine = range(rank, n_batches, world)
