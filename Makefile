@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup dataset weights repro test bench ablation seeds clean
+.PHONY: setup dataset weights repro test bench ablation seeds decoders clean
 
 # Re-installs only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -55,11 +55,16 @@ bench: setup
 
 # The tokenizer ablation (README "Tokenizer ablation"): the default arm is the workspace run,
 # the others are queued experiments with the same GPT/decoder budget and seeds, run one at a time.
+# abl-vq is the paper's baseline: the same GPT on the VQGAN's tokens, rendered by the VQGAN decoder.
 ABLATION_ARMS := \
 	"abl-pixels -S encoder.name=pixels -S encoder.weights=none" \
-	"abl-random -S encoder.weights=none"
-# The spread of the default over base.seed (0 is the workspace run).
-SEED_ARMS := "seed-1 -S base.seed=1" "seed-2 -S base.seed=2"
+	"abl-random -S encoder.weights=none" \
+	"abl-vq -S tokenizer.kind=vq"
+# The spread over base.seed (0 is the workspace run / abl-vq) of the DiGIT-token and the VQ-token GPT.
+SEED_ARMS := "seed-1 -S base.seed=1" "seed-2 -S base.seed=2" \
+	"vq-seed-1 -S tokenizer.kind=vq -S base.seed=1" "vq-seed-2 -S tokenizer.kind=vq -S base.seed=2"
+# The same DiGIT-token samples rendered by stage 2 (README "Stage-2 decoders"); direct is the workspace run.
+DECODER_ARMS := "dec-stage2-ar -S decoder.kind=stage2_ar" "dec-stage2-nar -S decoder.kind=stage2_nar"
 SHOW := dvc exp show --only-changed --md --drop 'k_sweep|rows|.*snr(30|25|15|5|1|0p01)|cosine.*|realised.*|seconds.*'
 
 # $(call run_arms,ARMS): the workspace run, then each "NAME -S ..." arm queued and run one at a time.
@@ -78,6 +83,9 @@ ablation: setup
 
 seeds: setup
 	$(call run_arms,$(SEED_ARMS))
+
+decoders: setup
+	$(call run_arms,$(DECODER_ARMS))
 
 clean:
 	rm -rf $(VENV) .pytest_cache
