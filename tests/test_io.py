@@ -57,11 +57,11 @@ def test_params_cross_field_rule_k_vs_max_points(tmp_path):
 def test_params_read_as_dvc_writes_them(tmp_path):
     """`dvc exp run -S` rewrites params.yaml as YAML 1.2: `precision: "no"` becomes `precision: no`."""
     text = (ROOT / "params.yaml").read_text().replace('precision: "no"', "precision: no")
-    assert text.count("precision: no ") == 3  # gpt, decoder, vqgan
+    assert text.count("precision: no ") == 4  # gpt, decoder, vqgan, stage2
     path = tmp_path / "params.yaml"
     path.write_text(text)
     params = load_params(path)  # YAML 1.1 would read `no` as False and fail validation
-    assert params["gpt"]["precision"] == "no" and params["decoder"]["precision"] == "no"
+    assert all(params[s]["precision"] == "no" for s in ("gpt", "decoder", "vqgan", "stage2"))
     assert params["gpt"]["class_conditional"] is True and params["stability"]["snr_db"][-1] == 0.01
 
 
@@ -174,3 +174,15 @@ def test_token_stats():
     stats = token_stats(np.array([5, 5, 0, 0]))
     assert stats["codes_used"] == 2 and stats["usage_pct"] == 50.0
     assert stats["perplexity"] == pytest.approx(2.0)
+
+
+def test_params_stage2_on_vq_tokens_is_refused(tmp_path):
+    params = default_params()
+    params["tokenizer"]["kind"] = "vq"
+    assert validate(params) == []  # VQ tokens are rendered by the VQGAN: decoder.kind direct
+    params["decoder"]["kind"] = "stage2_nar"
+    problems = validate(params)
+    assert len(problems) == 1 and problems[0].startswith("decoder.kind: stage2_nar translates DiGIT tokens")
+    params["tokenizer"]["kind"] = "clip"
+    assert validate(params) == ["tokenizer.kind: 'clip' is not one of 'discriminative', 'vq' "
+                                "[discriminative (DiGIT tokens) | vq (VQGAN tokens)]"]
