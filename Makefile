@@ -52,6 +52,7 @@ bench: setup
 	$(PY) bench/sample.py
 	$(PY) bench/inception.py
 	$(PY) bench/scale.py
+	$(PY) bench/render.py
 
 # The tokenizer ablation (README "Tokenizer ablation"): the default arm is the workspace run,
 # the others are queued experiments with the same GPT/decoder budget and seeds, run one at a time.
