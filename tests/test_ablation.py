@@ -223,7 +223,8 @@ def test_k_sweep_at_the_codebooks_own_k_reproduces_the_main_change_rates(full_re
 
 
 # ----------------------------------------------------------------- base.seed in the DAG
-SEEDED_STAGES = {"extract", "codebook", "train", "sample", "train_decoder", "train_vqgan", "stability"}
+SEEDED_STAGES = {"extract", "codebook", "train", "sample", "train_decoder", "train_vqgan", "train_stage2_ar",
+                 "train_stage2_nar", "decode", "stability"}
 
 
 @needs_fmnist
@@ -260,8 +261,9 @@ def test_pixels_arm_runs_the_whole_dag(full_repo, tmp_path):
     repo = _copy(full_repo, tmp_path / "repo")
     update_params(repo / "params.yaml", {"encoder": {"name": "pixels", "weights": "none"}, **TINY_DAG})
     proc = dvc("repro", repo)
-    assert _ran(proc) == {"extract", "codebook", "tokenize", "train", "sample", "probe", "train_decoder",
-                          "decode", "evaluate", "stability"}, proc.stdout  # images and reference kept
+    assert _ran(proc) == {"extract", "codebook", "tokenize", "gpt_tokens", "train", "sample", "probe",
+                          "train_decoder", "train_stage2_ar", "train_stage2_nar", "decode", "evaluate",
+                          "stability"}, proc.stdout  # images, reference and the VQGAN kept
     reports = repo / "reports"
     extract = json.loads((reports / "extract.json").read_text())
     assert extract["name"] == "pixels" and extract["grid"] == [7, 7] and extract["dim"] == 768

@@ -53,7 +53,9 @@ def test_stage2_reports_and_every_path_in_the_metrics(full_repo):
                "stage2_nar": "stage2_nar.json"}
     for kind, name in sources.items():
         assert metrics["rec"][kind]["rfid"] == read_json(full_repo / "reports" / name)["rfid"]
-    assert metrics["decode_seconds_per_image"] == read_json(full_repo / "reports" / "decode.json")["seconds_per_image"]
+    assert set(metrics["rec"]["stage2_ar"]) == {"psnr", "ssim", "rfid"}  # no timings: metrics.json repeats exactly
+    decode = read_json(full_repo / "reports" / "decode.json")
+    assert decode["renderer"] == "direct" and decode["images"] == 20 and decode["seconds_per_image"] > 0
 
 
 def test_decoder_kind_reruns_only_decode_and_evaluate_and_renders_deterministically(full_repo, tmp_path):
