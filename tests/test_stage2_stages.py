@@ -75,8 +75,11 @@ def test_decoder_kind_reruns_only_decode_and_evaluate_and_renders_deterministica
         for entry in manifest["images"]:
             a = (repo / "data" / "samples" / "images" / entry["file"]).read_bytes()
             assert (tmp_path / kind / entry["file"]).read_bytes() == a, entry["file"]
+    # Back to direct: decode renders the first run's bytes again, so DVC may take evaluate from its run cache.
     update_params(repo / "params.yaml", {"decoder": {"kind": "direct"}})
-    assert repro(repo) == {"decode", "evaluate"}
+    ran = repro(repo)
+    assert "decode" in ran and ran <= {"decode", "evaluate"}, ran
+    assert read_json(repo / "reports" / "metrics.json") == read_json(full_repo / "reports" / "metrics.json")
     assert dvc("status", repo).stdout.strip().endswith("up to date.")
 
 
