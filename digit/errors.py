@@ -10,3 +10,10 @@ class ConfigError(ValueError):
 
 class BadImageError(ValueError):
     """An input image cannot be decoded (truncated, empty, not an image)."""
+
+
+class TrainingError(RuntimeError):
+    """A training run diverged (a non-finite loss): the message names the stage, the step and the last checkpoint.
+
+    Nothing is published; stages print it and exit with status 1.
+    """

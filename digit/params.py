@@ -52,8 +52,6 @@ PRECISIONS = ("no", "fp32", "bf16", "fp16")  # "no" (Accelerate's name) == "fp32
 # below 2**31 (faiss and numpy's legacy seeding take 32-bit ints).
 SEED_STRIDE = 10**6
 MAX_BASE_SEED = 2000
-TOKENIZER_KINDS = ("discriminative", "vq")
-DECODER_KINDS = ("direct", "stage2_ar", "stage2_nar")
 
 SCHEMA: dict[str, Spec] = {
     # every stage with randomness of its own (see seed_for)
@@ -122,11 +120,7 @@ SCHEMA: dict[str, Spec] = {
     "probe.batch_size": Spec(int, min=1),
     "probe.steps": Spec(int, min=1, help="L-BFGS iterations per layer"),
     "probe.weight_decay": Spec(float, min=0.0),
-    # gpt_tokens: the tokens the GPT models
-    "tokenizer.kind": Spec(str, choices=TOKENIZER_KINDS, help="discriminative (DiGIT tokens) | vq (VQGAN tokens)"),
-    # train_decoder (decoder.kind: read by decode only)
-    "decoder.kind": Spec(str, choices=DECODER_KINDS,
-                         help="direct (the token decoder) | stage2_ar | stage2_nar (stage 2 + VQGAN decoder)"),
+    # train_decoder
     "decoder.width": Spec(int, min=32, help="channels at grid resolution"),
     "decoder.n_attn": Spec(int, min=0, help="transformer blocks at grid resolution"),
     "decoder.n_head": Spec(int, min=1),
@@ -206,6 +200,7 @@ SCHEMA: dict[str, Spec] = {
     "stability.num_images": Spec(int, min=0, help="val images used (0 = all)"),
     "stability.batch_size": Spec(int, min=1, help="images per encoder batch"),
     "stability.seed": Spec(int, min=0, max=SEED_STRIDE - 1, help="seed of the noise"),
+    "stability.headline_snr": Spec(float, help="the SNR (one of stability.snr_db) reported in metrics.json"),
     "stability.noise_at": Spec(str, choices=("stored", "encoder_input"),
                                help="protocol: noise at the stored image (default) or at the encoder input"),
     "stability.k_sweep": Spec(list, help="extra codebook sizes measured on the same noisy features, e.g. [64, 128, 256, 1024]"),
@@ -263,10 +258,10 @@ def validate(tree: dict) -> list[str]:
                             f"stage2.n_head={flat['stage2.n_head']}")
         if flat["stage2.ar_top_p"] <= 0:
             problems.append("stage2.ar_top_p: must be in (0, 1]; use 1 to turn nucleus sampling off")
-        if flat["tokenizer.kind"] == "vq" and flat["decoder.kind"] != "direct":
-            problems.append(f"decoder.kind: {flat['decoder.kind']} translates DiGIT tokens into VQ tokens, but "
-                            "tokenizer.kind is vq: the GPT already samples VQ tokens, which the VQGAN decoder "
-                            "renders; set decoder.kind: direct (or tokenizer.kind: discriminative)")
+        if not any(float(x) == float(flat["stability.headline_snr"]) for x in flat["stability.snr_db"]
+                   if isinstance(x, (int, float))):
+            problems.append(f"stability.headline_snr: {flat['stability.headline_snr']} is not one of "
+                            f"stability.snr_db {flat['stability.snr_db']}; pick one of them")
         fp16 = [k for k in ("encoder.precision", "gpt.precision", "decoder.precision", "vqgan.precision",
                             "stage2.precision")
                 if flat[k] == "fp16"]

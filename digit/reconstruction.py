@@ -1,19 +1,20 @@
-"""Reconstruction quality of tokenizer + decoder on val: PSNR, SSIM and rFID.
+"""Reconstruction quality on val, one report for every renderer: PSNR, SSIM and rFID.
 
-rFID is the FID between decoded val token grids and the cached Inception
-features of the val reference set (stage `reference`), so it is directly
-comparable with `fid_floor` (two disjoint real sets of the same sizes).
+rFID is the FID between rendered val images and the cached Inception features of
+the val reference set (stage `reference`), so it is directly comparable with
+`fid_floor` (two disjoint real sets of the same sizes) and with sample FID.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from digit.decoder import PairedImages, TokenDecoder
 from digit.fid import InceptionFeatures, fid_between, load_features
 
 PSNR_CAP = 100.0  # a pixel-exact reconstruction has infinite PSNR; cap it so means stay finite
@@ -30,22 +31,35 @@ def image_quality(originals: np.ndarray, recons: np.ndarray) -> tuple[list[float
 
 
 @torch.no_grad()
-def reconstruct(decoder: TokenDecoder, val: PairedImages, n_images: int, batch_size: int, device):
-    """(originals, reconstructions) uint8 [n, H, W, C] of the first n val images, in file order."""
-    decoder = decoder.to(device).eval()
-    originals, recons = [], []
-    for tokens, images in val.batches(batch_size, 0, 0, shuffle=False, limit=n_images):
-        recons.append(decoder.decode(torch.from_numpy(tokens).to(device)).cpu().numpy())
+def mean_l1(model: torch.nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean per-image L1 of (reconstruction, target) float [B, C, H, W] pairs that `pairs` makes with `model`
+    (in eval mode while it runs; same value on every rank)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for recon, target in pairs:
+        total += (recon.float() - target.to(recon.device)).abs().mean(dim=(1, 2, 3)).sum().item()
+        count += len(recon)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def reconstruction_report(render: Callable, batches: Iterable, reference: str | Path, inception_weights: str,
+                          device, batch_size: int) -> dict:
+    """Render each (inputs, original uint8 [B, H, W, 3]) of `batches` with render(inputs) -> uint8 images:
+    PSNR, SSIM, rFID against the cached val reference, and seconds per image (rendering only)."""
+    originals, recons, seconds = [], [], 0.0
+    for inputs, images in batches:
+        started = time.perf_counter()
+        recons.append(np.asarray(render(inputs)))
+        seconds += time.perf_counter() - started
         originals.append(images)
-    return np.concatenate(originals), np.concatenate(recons)
-
-
-def reconstruction_report(decoder: TokenDecoder, val: PairedImages, n_images: int, batch_size: int,
-                          reference: str | Path, inception_weights: str, device) -> dict:
-    originals, recons = reconstruct(decoder, val, n_images, batch_size, device)
+    originals, recons = np.concatenate(originals), np.concatenate(recons)
     psnr, ssim = image_quality(originals, recons)
     ref = load_features(Path(reference) / "val.npz")
     feats = InceptionFeatures(inception_weights, device=device)(recons, batch_size=batch_size, desc="rFID")
     return {"images": len(recons), "reference_size": len(ref["pool"]),
             "psnr": round(float(np.mean(psnr)), 4), "ssim": round(float(np.mean(ssim)), 5),
-            "rfid": round(float(fid_between(feats, ref)), 4)}
+            "rfid": round(float(fid_between(feats, ref)), 4),
+            "seconds_per_image": round(seconds / len(recons), 6), "device": str(device)}

@@ -12,7 +12,6 @@ so both measure exactly the same path. Stage-2 draws use a generator seeded with
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,8 @@ import torch
 
 from digit.decoder import load_decoder
 from digit.errors import ConfigError
-from digit.stage2 import load_stage2
+from digit.reconstruction import reconstruction_report
+from digit.stage2 import VQGAN_SUBDIR, load_stage2
 from digit.vqgan import load_vqgan, uint8_images
 
 KINDS = ("vqgan", "direct", "stage2_ar", "stage2_nar")
@@ -65,71 +65,56 @@ def stage2_sampling(stage2_params: dict, kind: str) -> dict:
     return {"temperature": stage2_params["nar_temperature"], "steps": stage2_params["nar_steps"]}
 
 
-def load_renderer(token_meta: dict, decoder_kind: str, device, *, decoder_dir=None, vqgan_dir=None,
-                  stage2_dir=None, sampling: dict | None = None, seed: int = 0) -> Renderer:
-    """The renderer for tokens described by `token_meta` (grid, vocab_size, tokenizer), every model checked.
-
-    VQ tokens always go to the VQGAN; DiGIT tokens go where decoder_kind says.
-    """
+def load_renderer(token_meta: dict, kind: str, model_dir: str | Path, device, *, sampling: dict | None = None,
+                  seed: int = 0) -> Renderer:
+    """The renderer `kind` in folder `model_dir` for tokens described by `token_meta` (grid, vocab_size,
+    tokenizer), every model checked against them. A stage-2 folder holds its VQGAN (digit.stage2)."""
     grid, vocab = tuple(token_meta["grid"]), token_meta["vocab_size"]
     tokenizer = token_meta.get("tokenizer", "discriminative")
-    if tokenizer == "vq":
-        if decoder_kind != "direct":
-            raise ConfigError(f"decoder.kind: {decoder_kind} translates DiGIT tokens, but these are VQ tokens "
-                              "(tokenizer.kind: vq), which the VQGAN renders directly; set decoder.kind: direct")
-        vqgan, _ = load_vqgan(vqgan_dir, k=vocab, grid=grid)
+    if kind not in KINDS:
+        raise ConfigError(f"renderer {kind!r} must be one of {list(KINDS)}")
+    if (tokenizer == "vq") != (kind == "vqgan"):
+        raise ConfigError(f"{model_dir}: the {kind} renderer cannot render {tokenizer} tokens; VQ tokens go to "
+                          "the VQGAN (models/vqgan), DiGIT tokens to the decoder or a stage-2 model")
+    if kind == "vqgan":
+        vqgan, _ = load_vqgan(model_dir, k=vocab, grid=grid)
         return Renderer("vqgan", vocab, grid, device, vqgan=vqgan.to(device))
-    if decoder_kind == "direct":
-        decoder, _ = load_decoder(decoder_dir, vocab_size=vocab, grid=grid)
+    if kind == "direct":
+        decoder, _ = load_decoder(model_dir, vocab_size=vocab, grid=grid)
         return Renderer("direct", vocab, grid, device, decoder=decoder.to(device))
-    if decoder_kind not in ("stage2_ar", "stage2_nar"):
-        raise ConfigError(f"decoder.kind: {decoder_kind!r} must be direct, stage2_ar or stage2_nar")
-    stage2, meta = load_stage2(stage2_dir, digit_k=vocab, grid=grid)
-    want = decoder_kind.split("_")[1]
+    stage2, meta = load_stage2(model_dir, digit_k=vocab, grid=grid)
+    want = kind.split("_")[1]
     if stage2.config.kind != want:
-        raise ConfigError(f"{stage2_dir}: holds a stage-2 {stage2.config.kind} model, decoder.kind is "
-                          f"{decoder_kind}; pass the folder of train_stage2_{want}")
-    vqgan, _ = load_vqgan(vqgan_dir, k=stage2.config.vq_k, grid=grid)
+        raise ConfigError(f"{model_dir}: holds a stage-2 {stage2.config.kind} model, the renderer is {kind}; "
+                          f"pass the folder of train_stage2@{want}")
+    vqgan, _ = load_vqgan(Path(model_dir) / VQGAN_SUBDIR, k=stage2.config.vq_k, grid=grid)
     if meta.get("encoder") and token_meta.get("encoder") and meta["encoder"] != token_meta["encoder"]:
-        raise ConfigError(f"{stage2_dir} was trained on DiGIT tokens of encoder {meta['encoder']}, these tokens "
-                          f"come from {token_meta['encoder']}; re-run `dvc repro train_stage2_{want}`")
-    return Renderer(decoder_kind, vocab, grid, device, vqgan=vqgan.to(device), stage2=stage2.to(device),
+        raise ConfigError(f"{model_dir} was trained on DiGIT tokens of encoder {meta['encoder']}, these tokens "
+                          f"come from {token_meta['encoder']}; re-run `dvc repro train_stage2@{want}`")
+    return Renderer(kind, vocab, grid, device, vqgan=vqgan.to(device), stage2=stage2.to(device),
                     sampling=sampling, seed=seed)
 
 
-def stage2_dir_for(kind: str, ar_dir: str | Path, nar_dir: str | Path) -> Path | None:
-    return Path(ar_dir) if kind == "stage2_ar" else Path(nar_dir) if kind == "stage2_nar" else None
-
-
-@torch.no_grad()
 def render_report(renderer: Renderer, val, n_images: int, batch_size: int, reference, inception_weights,
                   vq_reference: torch.Tensor | None = None) -> dict:
-    """PSNR / SSIM / rFID of the first n val images rendered from their tokens, and seconds per image.
+    """digit.reconstruction's report of the first n val images rendered from their tokens by `renderer`.
 
-    `val` is a digit.decoder.PairedImages (token grids with their original images, in file order); rFID is
-    against the cached val reference (as decoder.json / vqgan.json). With `vq_reference` (the VQGAN's own
-    tokens of the same images) a stage-2 renderer also reports how many VQ tokens it reproduced exactly.
+    `val` is a digit.decoder.PairedImages (token grids with their original images, in file order). With
+    `vq_reference` (the VQGAN's own tokens of the same images) a stage-2 renderer also reports how many VQ
+    tokens it reproduced exactly.
     """
-    from digit.fid import InceptionFeatures, fid_between, load_features
-    from digit.reconstruction import image_quality
+    made = []
 
-    originals, recons, vq, seconds = [], [], [], 0.0
-    for tokens, images in val.batches(batch_size, 0, 0, shuffle=False, limit=n_images):
-        started = time.perf_counter()
-        recons.append(renderer.render(tokens))
-        seconds += time.perf_counter() - started
-        originals.append(images)
+    def render(tokens):
+        images = renderer.render(tokens)
         if renderer.vq_tokens is not None:
-            vq.append(renderer.vq_tokens.cpu())
-    originals, recons = np.concatenate(originals), np.concatenate(recons)
-    psnr, ssim = image_quality(originals, recons)
-    ref = load_features(Path(reference) / "val.npz")
-    feats = InceptionFeatures(inception_weights, device=renderer.device)(recons, batch_size=batch_size, desc="rFID")
-    report = {"renderer": renderer.kind, "images": len(recons), "reference_size": len(ref["pool"]),
-              "psnr": round(float(np.mean(psnr)), 4), "ssim": round(float(np.mean(ssim)), 5),
-              "rfid": round(float(fid_between(feats, ref)), 4),
-              "seconds_per_image": round(seconds / len(recons), 6), "device": str(renderer.device)}
-    if vq and vq_reference is not None:
-        made = torch.cat(vq)
+            made.append(renderer.vq_tokens.cpu())
+        return images
+
+    report = {"renderer": renderer.kind, **reconstruction_report(
+        render, val.batches(batch_size, 0, 0, shuffle=False, limit=n_images), reference, inception_weights,
+        renderer.device, batch_size)}
+    if made and vq_reference is not None:
+        made = torch.cat(made)
         report["vq_token_accuracy"] = round(float((made == vq_reference[:len(made)].to(made)).float().mean()), 5)
     return report

@@ -301,3 +301,48 @@ def read_manifest(root: str | os.PathLike) -> dict:
 
 def write_manifest(directory: Path, manifest: dict) -> None:
     (Path(directory) / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+class WindowedShards:
+    """Batches of one split streamed shard by shard, never loaded whole; subclasses say what a shard holds.
+
+    `parts(index)` returns a shard's arrays (same first dimension). Shuffling permutes the
+    shard order per epoch and mixes rows within a window of `window` shards (memory:
+    window x shard size), a pure function of (seed, epoch); a shuffled epoch yields full
+    batches only, `epoch_length` of them.
+    """
+
+    counts: list[int]
+    window: int
+
+    def parts(self, index: int) -> tuple[np.ndarray, ...]:
+        raise NotImplementedError
+
+    def _order(self, seed: int, epoch: int, shuffle: bool):
+        rng = np.random.default_rng([seed, epoch])
+        return rng, (rng.permutation(len(self.counts)) if shuffle else np.arange(len(self.counts)))
+
+    def epoch_length(self, batch_size: int, seed: int, epoch: int) -> int:
+        """How many batches batches(batch_size, seed, epoch) yields (shuffled): no shard is read."""
+        _, order = self._order(seed, epoch, True)
+        return sum(sum(self.counts[int(i)] for i in order[s:s + self.window]) // batch_size
+                   for s in range(0, len(order), self.window))
+
+    def windowed_batches(self, batch_size: int, seed: int, epoch: int, shuffle: bool = True, limit: int = 0):
+        """Yield tuples of arrays; with shuffle, full batches only, in an order fixed by (seed, epoch)."""
+        rng, order = self._order(seed, epoch, shuffle)
+        served = 0
+        for start in range(0, len(order), self.window):
+            shards = [self.parts(int(i)) for i in order[start:start + self.window]]
+            arrays = [np.concatenate(column) for column in zip(*shards)]
+            rows = len(arrays[0])
+            if shuffle:
+                perm = rng.permutation(rows)
+                arrays = [a[perm] for a in arrays]
+            stop = rows - rows % batch_size if shuffle else rows
+            for i in range(0, stop, batch_size):
+                if limit and served >= limit:
+                    return
+                take = slice(i, min(i + batch_size, stop, i + (limit - served if limit else batch_size)))
+                served += take.stop - take.start
+                yield tuple(a[take] for a in arrays)

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from numbers import Real
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -383,52 +382,3 @@ def image_batches(images_dir: str | Path, split: str, num_images: int, batch_siz
             raise ConfigError(f"{images_dir}: {split} images of different shapes {sorted(shapes)}; "
                               "re-run `dvc repro prepare` (it stores one size)")
         yield torch.from_numpy(np.stack([s["png"] for s in batch]))
-
-
-def run_stability(cfg: dict, images_dir: str | Path, codebook_dir: str | Path, device: str = "cpu",
-                  progress: bool = True, features_dir: str | Path | None = None,
-                  vqgan_dir: str | Path | None = None) -> dict:
-    """The whole measurement of the `stability` stage for a config dict; returns the report."""
-    from digit.shards import read_manifest
-
-    cfg = check_config(cfg)
-    manifest = read_manifest(images_dir)  # fail on a missing input before loading the encoder
-    available = int(manifest.get("splits", {}).get("val", {}).get("count", 0))
-    encoder, assign, info = load_tokenizer(codebook_dir, device)
-    vq = None
-    if vqgan_dir is not None:  # loaded (and checked) before any measuring
-        from digit.vqgan import load_vqgan
-
-        vq, _ = load_vqgan(vqgan_dir, image_size=manifest.get("image_size"))
-    if cfg["k_sweep"] and features_dir is None:
-        raise ConfigError("stability.k_sweep needs the train features (--features data/features); "
-                          "pass them or set stability.k_sweep: []")
-    started = time.time()
-    sweep = sweep_assigners(features_dir, info, list(cfg["k_sweep"]), progress) if cfg["k_sweep"] else {}
-    total = min(cfg["num_images"], available) if cfg["num_images"] else available
-    result = measure(encoder, assign, image_batches(images_dir, "val", cfg["num_images"], cfg["batch_size"]),
-                     list(cfg["snr_db"]), cfg["seed"], total=total, progress=progress, sweep=sweep,
-                     noise_at=cfg["noise_at"])
-    seconds = time.time() - started
-    if vq is not None:  # the reconstructive tokenizer, same images, same noise (paper Table 1)
-        result["vq"] = measure_vq(vq.to(device), image_batches(images_dir, "val", cfg["num_images"],
-                                                                cfg["batch_size"]),
-                                  list(cfg["snr_db"]), cfg["seed"], total=total, progress=progress)
-    return {"encoder": info["encoder"], "k": info["k"], **result, "seconds": round(seconds, 2)}
-
-
-def log_plots(rows: list[dict], live_dir: str | Path) -> list[Path]:
-    """DVCLive custom plots of change rate and cosine vs SNR; returns the two JSON paths.
-
-    Files: {live_dir}/plots/custom/{change_rate,cosine}.json, lists of
-    {"snr_db", "change_rate", "cosine", "realised_snr_db"} rows (x: snr_db).
-    """
-    from dvclive import Live
-
-    points = [{k: r[k] for k in ("snr_db", "change_rate", "cosine", "realised_snr_db")} for r in rows]
-    with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
-        live.log_plot("change_rate", points, x="snr_db", y="change_rate", template="simple",
-                      title="Token change rate vs SNR", x_label="SNR (dB)", y_label="token change rate")
-        live.log_plot("cosine", points, x="snr_db", y="cosine", template="simple",
-                      title="Feature cosine similarity vs SNR", x_label="SNR (dB)", y_label="cosine(clean, noisy)")
-    return [Path(live_dir) / "plots" / "custom" / f"{name}.json" for name in ("change_rate", "cosine")]

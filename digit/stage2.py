@@ -27,22 +27,18 @@ the same seed gives the same tokens.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from digit.atomic import atomic_dir, clean_stale_tmp
-from digit.decoder import CONFIG, WEIGHTS
+from digit.artifact import load_weights, read_artifact, save_artifact
 from digit.errors import ConfigError
 from digit.gpt import GPT, Block, CausalSelfAttention, GPTConfig, KVCache, check_sampling, sample_next
 
-META = "meta.json"
 KINDS = ("ar", "nar")
 
 
@@ -291,28 +287,18 @@ def build_stage2(config: Stage2Config) -> Stage2AR | Stage2NAR:
 
 
 # ---------------------------------------------------------------- persistence
-def save_stage2(model: Stage2AR | Stage2NAR, meta: dict, directory: str | Path) -> None:
-    clean_stale_tmp(Path(directory))
-    with atomic_dir(directory) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
-        (tmp / CONFIG).write_text(json.dumps(asdict(model.config), indent=2) + "\n")
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+VQGAN_SUBDIR = "vqgan"  # the frozen VQGAN stage 2 paints through, copied in: the folder is a whole renderer
+
+
+def save_stage2(model: Stage2AR | Stage2NAR, meta: dict, directory: str | Path,
+                vqgan_dir: str | Path | None = None) -> None:
+    save_artifact(model, meta, directory, include={VQGAN_SUBDIR: vqgan_dir} if vqgan_dir else None)
 
 
 def load_stage2(directory: str | Path, digit_k: int | None = None, vq_k: int | None = None,
                 grid: int | tuple[int, int] | None = None) -> tuple[Stage2AR | Stage2NAR, dict]:
     """(model in eval mode, meta), checked against the DiGIT tokens / VQGAN it will be used with."""
-    directory = Path(directory)
-    for name in (WEIGHTS, CONFIG, META):
-        if not (directory / name).is_file():
-            raise ConfigError(f"{directory / name}: missing; {directory} is not a complete stage-2 output, "
-                              "re-run the stage that trains it")
-    raw = json.loads((directory / CONFIG).read_text())
-    try:
-        config = Stage2Config(**raw)
-    except TypeError as e:
-        raise ConfigError(f"{directory / CONFIG}: {e}; written by another version of digit/stage2.py, "
-                          "re-run the stage that trains it")
+    config, meta = read_artifact(directory, Stage2Config, "train_stage2_ar / train_stage2_nar")
     fix = "re-run the stage that trains it on these tokens"
     if digit_k is not None and digit_k != config.digit_k:
         raise ConfigError(f"{directory} was trained for a DiGIT codebook of {config.digit_k} codes, the tokens "
@@ -325,6 +311,4 @@ def load_stage2(directory: str | Path, digit_k: int | None = None, vq_k: int | N
         if grid != config.grid:
             raise ConfigError(f"{directory} was trained on a {config.grid[0]}x{config.grid[1]} token grid, the "
                               f"tokens have {grid[0]}x{grid[1]}; {fix}")
-    model = build_stage2(config)
-    model.load_state_dict(load_file(str(directory / WEIGHTS)))
-    return model.eval(), json.loads((directory / META).read_text())
+    return load_weights(build_stage2(config), directory, "train_stage2"), meta

@@ -1,23 +1,16 @@
-"""Pieces of GPT training shared by the `train` stage and its benchmark."""
+"""Pieces of GPT training shared by the `train` stage, `sample`, `probe` and the benchmarks."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from digit.atomic import atomic_dir, clean_stale_tmp
-from digit.errors import ConfigError
-from digit.gpt import GPT, GPTConfig, load_gpt
+from digit.artifact import load_weights, read_artifact, save_artifact
+from digit.gpt import GPT, GPTConfig
 from digit.tokens import TokenBatches
-
-TOKEN_META = "tokens.json"  # beside the weights: what the sample and probe stages need to know
-
 
 def gpt_config(cfg: dict, meta: dict) -> GPTConfig:
     """GPTConfig from the gpt.* params and a token file's metadata (grid, vocabulary, classes)."""
@@ -26,16 +19,6 @@ def gpt_config(cfg: dict, meta: dict) -> GPTConfig:
                      num_classes=len(meta["classes"]) if cfg["class_conditional"] else 0,
                      n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
                      dropout=cfg["dropout"], bias=cfg["bias"])
-
-
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    """Linear warmup then cosine decay to min_ratio, as a LambdaLR multiplier of the step."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
 
 
 def drop_labels(labels: torch.Tensor, null_class: int, p: float, seed: int, micro_step: int,
@@ -91,25 +74,10 @@ def unigram_cross_entropy(train_path: Path, val_path: Path, vocab_size: int) -> 
 
 def save_trained(model: GPT, meta: dict, directory: str | Path) -> None:
     """Publish a trained GPT with the metadata of the tokens it learned (grid, vocabulary, classes)."""
-    clean_stale_tmp(Path(directory))
-    with atomic_dir(directory) as tmp:
-        model.save_pretrained(tmp)
-        (tmp / TOKEN_META).write_text(json.dumps(meta, indent=2) + "\n")
+    save_artifact(model, meta, directory)
 
 
 def load_trained(directory: str | Path) -> tuple[GPT, dict]:
     """The GPT written by `train` and the metadata of its tokens."""
-    meta_path = Path(directory) / TOKEN_META
-    if not meta_path.is_file():
-        raise ConfigError(f"{meta_path}: missing; {directory} is not a complete `train` output, run `dvc repro train`")
-    return load_gpt(directory), json.loads(meta_path.read_text())
-
-
-def run_fingerprint(cfg: dict, *files: Path) -> str:
-    """Identity of a training run: its parameters and its input files' bytes."""
-    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
-    for path in files:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
+    config, meta = read_artifact(directory, GPTConfig, "train")
+    return load_weights(GPT(config), directory, "train"), meta

@@ -31,9 +31,8 @@ restarts the same codes with the same draws.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +40,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from digit.atomic import atomic_dir, clean_stale_tmp
-from digit.decoder import CONFIG, WEIGHTS, to_unit
+from digit.artifact import load_weights, read_artifact, save_artifact
+from digit.shards import WindowedShards
 from digit.errors import ConfigError
 
-META = "meta.json"
 
 
 @dataclass
@@ -264,7 +261,7 @@ class VectorQuantizer(nn.Module):
 def unit_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B,H,W,3] -> float [B,3,H,W] in [0,1]; a float [B,3,H,W] batch passes unchanged."""
     images = torch.as_tensor(images)
-    return (to_unit(images) + 1) / 2 if images.dtype == torch.uint8 else images
+    return images.permute(0, 3, 1, 2).float() / 255.0 if images.dtype == torch.uint8 else images
 
 
 def uint8_images(images: torch.Tensor) -> torch.Tensor:
@@ -328,28 +325,14 @@ class VQGAN(nn.Module):
 
 # ---------------------------------------------------------------- persistence
 def save_vqgan(model: VQGAN, meta: dict, directory: str | Path) -> None:
-    """weights (incl. EMA buffers and the step counter, for resuming) + config + meta, renamed into place at once."""
-    clean_stale_tmp(Path(directory))
-    with atomic_dir(directory) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
-        (tmp / CONFIG).write_text(json.dumps(asdict(model.config), indent=2) + "\n")
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+    """weights (incl. EMA buffers and the step counter) + config + meta, renamed into place at once."""
+    save_artifact(model, meta, directory)
 
 
 def load_vqgan(directory: str | Path, k: int | None = None, grid: int | None = None,
                image_size: int | None = None) -> tuple[VQGAN, dict]:
     """(model in eval mode, meta) written by save_vqgan, checked against the expected k / grid / image size."""
-    directory = Path(directory)
-    for name in (WEIGHTS, CONFIG, META):
-        if not (directory / name).is_file():
-            raise ConfigError(f"{directory / name}: missing; {directory} is not a complete VQGAN output, "
-                              "re-run the stage that trains it")
-    raw = json.loads((directory / CONFIG).read_text())
-    unknown = sorted(set(raw) - {f.name for f in fields(VQGANConfig)})
-    if unknown:
-        raise ConfigError(f"{directory / CONFIG}: unknown keys {unknown}, written by another version of "
-                          "digit/vqgan.py; re-run the stage that trains it")
-    config = VQGANConfig(**raw)
+    config, meta = read_artifact(directory, VQGANConfig, "train_vqgan")
     if grid is not None and isinstance(grid, (tuple, list)):
         grid = grid[0] if len(set(grid)) == 1 else tuple(grid)
     for name, want, have in (("codebook size", k, config.k), ("token grid", grid, config.grid),
@@ -357,13 +340,11 @@ def load_vqgan(directory: str | Path, k: int | None = None, grid: int | None = N
         if want is not None and want != have:
             raise ConfigError(f"{directory}: the VQGAN was trained with {name} {have}, expected {want}; "
                               "re-run the stage that trains it with the current parameters")
-    model = VQGAN(config)
-    model.load_state_dict(load_file(str(directory / WEIGHTS)))
-    return model.eval(), json.loads((directory / META).read_text())
+    return load_weights(VQGAN(config), directory, "train_vqgan"), meta
 
 
 # ---------------------------------------------------------------- data
-class ImageBatches:
+class ImageBatches(WindowedShards):
     """uint8 [B, H, W, 3] image batches of one split, streamed shard by shard (never loaded whole).
 
     Shuffling permutes the shard order per epoch and mixes images within a window of
@@ -386,19 +367,10 @@ class ImageBatches:
 
         return np.stack([s["png"] for s in iter_samples([self.urls[index]])])
 
+    def parts(self, index: int) -> tuple[np.ndarray]:
+        return (self.shard(index),)
+
     def batches(self, batch_size: int, seed: int, epoch: int, shuffle: bool = True, limit: int = 0):
         """Yield image batches; with shuffle, full batches only, in an order fixed by (seed, epoch)."""
-        rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(len(self.urls)) if shuffle else np.arange(len(self.urls))
-        served = 0
-        for start in range(0, len(order), self.window):
-            images = np.concatenate([self.shard(int(i)) for i in order[start:start + self.window]])
-            if shuffle:
-                images = images[rng.permutation(len(images))]
-            stop = len(images) - len(images) % batch_size if shuffle else len(images)
-            for i in range(0, stop, batch_size):
-                if limit and served >= limit:
-                    return
-                take = images[i:min(i + batch_size, stop, i + (limit - served if limit else batch_size))]
-                served += len(take)
-                yield take
+        for (images,) in self.windowed_batches(batch_size, seed, epoch, shuffle, limit):
+            yield images

@@ -1,15 +1,14 @@
-"""Stage `decode`: generated token grids -> PNG files and a per-class sample grid.
+"""Stage `decode`: generated token grids -> PNG files and a per-class sample grid, once per renderer.
 
-data/samples/tokens.parquet is rendered into data/samples/images/<key>_c<label>.png
-(digit.render): VQ tokens (tokenizer.kind: vq) by the VQGAN decoder; DiGIT tokens as
-decoder.kind says: `direct` by models/decoder, `stage2_ar` / `stage2_nar` through the
-stage-2 model (models/stage2_ar, models/stage2_nar) into VQ tokens, then the VQGAN
-decoder. The images are listed with label and class name in
-data/samples/images/manifest.json, which also records how the tokens were sampled,
-and how they were rendered; reports/decode.json the rendering time per image (kept out of
-the images folder, so the same tokens always give byte-identical outputs). reports/samples.png shows one row per class (the first
-decode.grid_columns samples of each) and is logged with DVCLive (reports/decode/)
-so `dvc plots show` / `dvc plots diff` put it beside other experiments'.
+dvc.yaml runs it per renderer (`decode@direct`, `decode@stage2_ar`, `decode@vqgan`): a GPT's
+samples (data/samples/<tokenizer>/tokens.parquet) are rendered by digit.render into
+data/samples/<renderer>/images/<key>_c<label>.png: DiGIT tokens by the direct decoder or
+through a stage-2 model into VQ tokens and its VQGAN; VQ tokens by the VQGAN. The images are
+listed with label and class name in manifest.json, which also records how the tokens were
+sampled and rendered; the rendering time per image goes to the --report JSON (kept out of the
+images folder, so the same tokens always give byte-identical outputs). The sample grid (one
+row per class, the first decode.grid_columns samples of each) is logged with DVCLive so
+`dvc plots show` / `dvc plots diff` put it beside other experiments'.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from tqdm import tqdm
 from digit.atomic import atomic_dir, atomic_file, clean_stale_tmp, write_json
 from digit.cli import require_git_commit, run, stage_parser
 from digit.params import load_params, seed_for
-from digit.render import load_renderer, stage2_dir_for, stage2_sampling
+from digit.render import KINDS, load_renderer, stage2_sampling
 from digit.tokens import read_tokens
 
 
@@ -49,25 +48,21 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, classes: list[str], colu
 
 def main() -> None:
     parser = stage_parser(__doc__)
-    parser.add_argument("--tokens", default="data/samples/tokens.parquet")
-    parser.add_argument("--decoder", default="models/decoder", help="decoder.kind direct (stage train_decoder)")
-    parser.add_argument("--vqgan", default="models/vqgan", help="renders VQ tokens (stage train_vqgan)")
-    parser.add_argument("--stage2-ar", default="models/stage2_ar", help="decoder.kind stage2_ar")
-    parser.add_argument("--stage2-nar", default="models/stage2_nar", help="decoder.kind stage2_nar")
-    parser.add_argument("--out", default="data/samples/images")
-    parser.add_argument("--grid", default="reports/samples.png")
-    parser.add_argument("--live", default="reports/decode")
-    parser.add_argument("--report", default="reports/decode.json", help="renderer and time per image")
+    parser.add_argument("--tokens", default="data/samples/digit/tokens.parquet")
+    parser.add_argument("--renderer", default="direct", choices=KINDS)
+    parser.add_argument("--model", default="models/decoder", help="the renderer's folder")
+    parser.add_argument("--out", default="data/samples/direct/images")
+    parser.add_argument("--grid", default="reports/samples/direct.png")
+    parser.add_argument("--live", default="reports/decode/direct")
+    parser.add_argument("--report", default="reports/decode/direct.json", help="renderer and time per image")
     args = parser.parse_args()
     require_git_commit()
     params = load_params(args.params)
-    cfg, kind = params["decode"], params["decoder"]["kind"]
+    cfg, kind = params["decode"], args.renderer
     tokens, labels, keys, meta = read_tokens(args.tokens)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sampling = stage2_sampling(params["stage2"], kind) if kind != "direct" else None
-    renderer = load_renderer(meta, kind, device, decoder_dir=args.decoder, vqgan_dir=args.vqgan,
-                             stage2_dir=stage2_dir_for(kind, args.stage2_ar, args.stage2_nar), sampling=sampling,
-                             seed=seed_for(params, "decode"))
+    sampling = stage2_sampling(params["stage2"], kind) if kind.startswith("stage2") else None
+    renderer = load_renderer(meta, kind, args.model, device, sampling=sampling, seed=seed_for(params, "decode"))
     classes = meta.get("classes") or [str(c) for c in range(int(labels.max()) + 1)]
 
     out = Path(args.out)

@@ -1,15 +1,16 @@
-"""Stage `evaluate`: sample quality with torch-fidelity, and every headline number in reports/metrics.json.
+"""Stage `evaluate`: the paper's table at small scale, every headline number in reports/metrics.json.
 
-FID and KID of data/samples/images against the cached val reference set;
-IS only when the Inception weights have their classifier (the offline
-weights do not: `isc_mean` is then null and `isc_unavailable` says why).
-`fid_floor` is the FID of real train images (same count and class mix as the
-samples, from data/reference/train.npz) against the same reference: what a
-perfect generator would score at this sample size. The file is written
-through DVCLive, so `dvc exp show` lists fid beside train/val loss, probe top-1,
-how the samples were tokenized and rendered (tokenizer_kind, decoder_kind) and the reconstruction PSNR/SSIM/rFID of that path (decoder_*) and of
-every path (rec.direct, rec.vqgan, rec.stage2_ar, rec.stage2_nar), copied from
-their reports.
+Collects, without recomputing anything, what the other stages measured:
+
+    <tokenizer>.*        per GPT (digit = DiGIT tokens, vq = the VQGAN's tokens): sample FID/KID through
+                         its headline renderer, train/val loss, val token accuracy, probe top-1, and the
+                         tokenizer's stability (token change rate, feature cosine) at stability_snr_db
+                         (stability.headline_snr)
+    render.<renderer>.*  per renderer: sample FID/KID of the GPT samples it rendered, and the ceiling on
+                         real val tokens of the same path (rFID, PSNR, SSIM)
+    fid_floor, kid_floor two real sets of the samples' size: what a perfect generator would score
+
+`dvc exp show` lists them all, so experiments compare on the same table.
 """
 
 from __future__ import annotations
@@ -17,108 +18,64 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-from dvclive import Live
-from PIL import Image
-from tqdm import tqdm
-
-from digit.cli import require_git_commit, run, stage_parser
+from digit.atomic import write_json
+from digit.cli import run, stage_parser
 from digit.errors import ConfigError
-from digit.fid import InceptionFeatures, load_features, sample_metrics
 from digit.params import load_params
 
-
-def load_samples(directory: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    manifest_path = directory / "manifest.json"
-    if not manifest_path.is_file():
-        raise ConfigError(f"{manifest_path}: missing; run `dvc repro decode`")
-    manifest = json.loads(manifest_path.read_text())
-    images = []
-    for entry in tqdm(manifest["images"], desc="load samples", unit="img", leave=False):
-        with Image.open(directory / entry["file"]) as img:
-            images.append(np.asarray(img.convert("RGB")))
-    return np.stack(images), np.array([e["label"] for e in manifest["images"]]), manifest
+# What each renderer renders, and the report of its val reconstruction (its ceiling).
+RENDERERS = {"direct": ("digit", "decoder.json"), "stage2_ar": ("digit", "stage2_ar.json"),
+             "stage2_nar": ("digit", "stage2_nar.json"), "vqgan": ("vq", "vqgan.json")}
+HEADLINE = {"digit": "direct", "vq": "vqgan"}  # the renderer whose FID stands for each GPT
 
 
-def floor_subset(pool: dict, labels: np.ndarray) -> dict:
-    """Real train features with the samples' class counts (the first of each class in the pool)."""
-    need = np.bincount(labels, minlength=int(pool["labels"].max()) + 1)
-    picked = []
-    for c, n in enumerate(need):
-        have = np.flatnonzero(pool["labels"] == c)
-        if len(have) < n:
-            raise ConfigError(f"evaluate.floor_pool: the cached train pool has {len(have)} images of class {c} "
-                              f"but the samples have {n}; raise evaluate.floor_pool to at least the number of "
-                              f"samples ({len(labels)}), or sample fewer")
-        picked.append(have[:n])
-    index = np.concatenate(picked)
-    return {k: (v[index] if v is not None else None) for k, v in pool.items()}
-
-
-def read_report(path: Path, *keys: str):
-    """A nested value from another stage's JSON report, or None when the report is absent."""
+def read_report(path: Path) -> dict:
     if not path.is_file():
-        return None
-    value = json.loads(path.read_text())
-    for key in keys:
-        value = value.get(key) if isinstance(value, dict) else None
-    return value
+        raise ConfigError(f"{path}: missing; run `dvc repro` (evaluate collects the other stages' reports)")
+    return json.loads(path.read_text())
 
 
 def main() -> None:
     parser = stage_parser(__doc__)
-    parser.add_argument("--samples", default="data/samples/images")
-    parser.add_argument("--reference", default="data/reference")
-    parser.add_argument("--reports", default="reports",
-                        help="reports of train, probe, train_decoder, train_vqgan, train_stage2_*")
-    parser.add_argument("--live", default="reports", help="DVCLive directory: writes <live>/metrics.json")
+    parser.add_argument("--reports", default="reports")
+    parser.add_argument("--tokenizers", nargs="+", default=["digit", "vq"])
+    parser.add_argument("--renderers", nargs="+", default=["direct", "stage2_ar", "vqgan"])
+    parser.add_argument("--out", default="reports/metrics.json")
     args = parser.parse_args()
-    require_git_commit()
-    cfg = load_params(args.params)["evaluate"]
-    extractor = InceptionFeatures(cfg["inception_weights"])  # resolves and checks the weights first
-    reference = load_features(Path(args.reference) / "val.npz")
-    pool = load_features(Path(args.reference) / "train.npz")
-    images, labels, manifest = load_samples(Path(args.samples))
-    floor = floor_subset(pool, labels)  # checked before the slow Inception pass
-    feats = extractor(images, batch_size=cfg["batch_size"], desc="evaluate samples")
-    scores = sample_metrics(feats, reference, cfg["kid_subset_size"], cfg["kid_subsets"], cfg["seed"])
-    floor_scores = sample_metrics(floor, reference, cfg["kid_subset_size"], cfg["kid_subsets"], cfg["seed"])
-
+    snr = float(load_params(args.params)["stability"]["headline_snr"])
     reports = Path(args.reports)
-    metrics = {
-        "fid": scores["fid"], "fid_floor": floor_scores["fid"],
-        "kid_mean": scores["kid_mean"], "kid_std": scores["kid_std"], "kid_floor": floor_scores["kid_mean"],
-        "isc_mean": scores["isc_mean"], "isc_std": scores["isc_std"],
-        "num_samples": int(len(images)), "num_reference": int(len(reference["pool"])),
-        "train_loss": read_report(reports / "train" / "metrics.json", "train", "loss"),
-        "val_loss": read_report(reports / "train" / "metrics.json", "val", "loss"),
-        "probe_top1": read_report(reports / "probe.json", "best_val_top1"),
-    }
-    # How the samples were rendered, and the reconstruction quality of that path (decoder_*) and of every
-    # path side by side (rec/<kind>/*: DiGIT tokens of real val images -> pixels; vqgan = VQ tokens -> pixels).
-    renderer = manifest.get("renderer", "direct")
-    metrics["tokenizer_kind"] = manifest.get("tokenizer", "discriminative")
-    metrics["decoder_kind"] = renderer
-    rec_reports = {"direct": "decoder.json", "vqgan": "vqgan.json", "stage2_ar": "stage2_ar.json",
-                   "stage2_nar": "stage2_nar.json"}
-    for name in ("psnr", "ssim", "rfid"):
-        metrics[f"decoder_{name}"] = read_report(reports / rec_reports[renderer], name)
-    # Only measured quantities that repeat exactly: times per image stay in decode.json / stage2_*.json, so the
-    # same inputs always give the same metrics.json (parallel experiments, resumed runs: tested).
-    rec = {kind: {name: read_report(reports / file, name) for name in ("psnr", "ssim", "rfid")}
-           for kind, file in rec_reports.items()}
-    if scores["isc_mean"] is None:
-        metrics["isc_unavailable"] = scores["isc_unavailable_reason"]
-    with Live(args.live, save_dvc_exp=False, dvcyaml=False, report=None) as live:
-        for name, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                live.log_metric(name, value, plot=False)
-            else:  # null (IS unavailable, a report missing) or a reason string: kept as is
-                live.summary[name] = value
-        live.summary["rec"] = rec  # nested: `dvc exp show` lists rec.stage2_ar.rfid etc.
-    isc = "n/a" if metrics["isc_mean"] is None else f"{metrics['isc_mean']:.3f}"
-    print(f"evaluate: FID {metrics['fid']:.3f} (floor {metrics['fid_floor']:.3f}), KID {metrics['kid_mean']:.5f}, "
-          f"IS {isc}, {len(images)} samples vs {metrics['num_reference']} real -> {args.live}/metrics.json")
+    unknown = sorted(set(args.renderers) - set(RENDERERS))
+    if unknown:
+        raise ConfigError(f"--renderers: {unknown} unknown; choose from {sorted(RENDERERS)}")
+
+    render, scores = {}, {}
+    for name in args.renderers:
+        score = scores[name] = read_report(reports / "score" / f"{name}.json")
+        rec = read_report(reports / RENDERERS[name][1])
+        render[name] = {"fid": score["fid"], "kid": score["kid_mean"],
+                        **{f"ceiling_{k}": rec[k] for k in ("rfid", "psnr", "ssim")}}
+    stability = read_report(reports / "stability.json")
+    metrics: dict = {}
+    for tok in args.tokenizers:
+        train = read_report(reports / "train" / tok / "metrics.json")
+        probe = read_report(reports / "probe" / f"{tok}.json")
+        rows = (stability if tok == "digit" else stability.get(tok, {})).get("rows", [])
+        at = next((r for r in rows if float(r["snr_db"]) == snr), {})
+        row = {"val_loss": train["val"]["loss"], "val_token_acc": train["val"]["token_acc"],
+               "train_loss": train["train"]["loss"], "probe_top1": probe["best_val_top1"],
+               "change_rate": at.get("change_rate"), "cosine": at.get("cosine")}
+        if HEADLINE[tok] in render:
+            row = {"fid": render[HEADLINE[tok]]["fid"], "kid": render[HEADLINE[tok]]["kid"], **row}
+        metrics[tok] = row
+    first = scores[args.renderers[0]]
+    metrics.update({"render": render, "stability_snr_db": snr, "fid_floor": first["fid_floor"], "kid_floor": first["kid_floor"],
+                    "num_samples": first["num_samples"], "num_reference": first["num_reference"]})
+    if first.get("isc_unavailable"):
+        metrics["isc_unavailable"] = first["isc_unavailable"]
+    write_json(args.out, metrics)
+    table = "  ".join(f"{t}: FID {metrics[t].get('fid', float('nan')):.2f} probe {metrics[t]['probe_top1']:.3f}"
+                      for t in args.tokenizers)
+    print(f"evaluate: {table}, floor {metrics['fid_floor']:.2f} -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Stage `probe`: linear probe of every layer of the frozen GPT -> reports/probe.json.
+"""Stage `probe`: linear probe of every layer of one frozen GPT -> reports/probe/<tokenizer>.json.
 
 Each layer's hidden states are mean-pooled over the sequence (with the class
 token replaced by the null class, so the label is not given away), a linear
@@ -24,10 +24,10 @@ from digit.tokens import TokenBatches
 
 def main() -> None:
     parser = stage_parser(__doc__)
-    parser.add_argument("--model", default="models/gpt")
+    parser.add_argument("--model", default="models/gpt/digit")
     parser.add_argument("--tokens", default="data/tokens")
-    parser.add_argument("--report", default="reports/probe.json")
-    parser.add_argument("--live", default="reports/probe")
+    parser.add_argument("--report", default="reports/probe/digit.json")
+    parser.add_argument("--live", default="reports/probe/digit")
     args = parser.parse_args()
     require_git_commit()
     cfg = load_params(args.params)["probe"]

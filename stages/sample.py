@@ -83,8 +83,8 @@ def merge_parts(parts: Path, world: int, n_batches: int, batch_size: int, n_rows
 
 def main() -> None:
     parser = stage_parser(__doc__)
-    parser.add_argument("--model", default="models/gpt")
-    parser.add_argument("--out", default="data/samples/tokens.parquet")
+    parser.add_argument("--model", default="models/gpt/digit")
+    parser.add_argument("--out", default="data/samples/digit/tokens.parquet")
     args = parser.parse_args()
     params = load_params(args.params)
     cfg = {**params["sample"], "seed": seed_for(params, "sample")}  # sample.seed moved by base.seed

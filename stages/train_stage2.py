@@ -3,8 +3,10 @@
 Trained on the row-aligned pairs (data/tokens, data/vq_tokens) of the train split:
 `--kind ar` a causal transformer over [DiGIT][SEP][VQ] with the loss on the VQ part,
 `--kind nar` a MaskGIT transformer (cosine masking schedule, masked positions scored).
-Accelerate (device, precision, DDP), atomic resumable checkpoints in
-checkpoints/stage2_<kind>-<fingerprint>/, DVCLive curves in reports/stage2_<kind>/.
+The loop is digit.trainer's (Accelerate, resumable checkpoints in
+checkpoints/train_stage2_<kind>-<fingerprint>/ keyed on params + both token files' bytes + the
+VQGAN + code, DVCLive curves in reports/stage2_<kind>/, a stop at the first non-finite loss).
+The published folder is the whole renderer: stage 2 plus a copy of the VQGAN it paints through.
 
 At the end the first stage2.eval_images val images are rendered the way `decode`
 renders samples (digit.render: DiGIT tokens -> stage 2 -> VQ tokens -> VQGAN decoder):
@@ -16,27 +18,19 @@ reports/vqgan.json (the VQGAN's own reconstructions: the ceiling of stage 2).
 
 from __future__ import annotations
 
-import shutil
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from accelerate.utils import set_seed
-from tqdm import tqdm
 
-import digit.stage2 as stage2_module
 from digit.atomic import write_json
-from digit.checkpoint import Progress, resume_latest, save_checkpoint
 from digit.cli import require_git_commit, run, stage_parser
 from digit.decoder import PairedImages
-from digit.distributed import finish, make_accelerator
 from digit.errors import ConfigError
 from digit.params import load_params, seed_for
 from digit.render import Renderer, render_report, stage2_sampling
 from digit.stage2 import Stage2Config, build_stage2, random_mask, save_stage2
 from digit.tokens import read_tokens
-from digit.training import lr_lambda, run_fingerprint
+from digit.trainer import Trainer, lr_lambda
 from digit.vqgan import load_vqgan
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "dropout")
@@ -86,24 +80,13 @@ def main() -> None:
         raise ConfigError(f"stage2.batch_size: {cfg['batch_size']} is more than the {len(train_d)} train pairs; "
                           "lower it")
 
-    accelerator = make_accelerator(mixed_precision="no" if cfg["precision"] == "fp32" else cfg["precision"],
-                                   log_with="dvclive")
-    set_seed(cfg["seed"])
+    trainer = Trainer(f"train_stage2_{args.kind}", cfg, live=args.live, checkpoints=args.checkpoints,
+                      inputs=[args.tokens, args.vq_tokens, args.vqgan], entry=__file__)
+    accelerator, rank, world, B = trainer.accelerator, trainer.rank, trainer.world, cfg["batch_size"]
     model = build_stage2(config)
     optimizer = model.configure_optimizer(cfg["weight_decay"], cfg["lr"], (0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg["warmup_steps"], cfg["max_steps"], 0.1))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    progress = Progress()
-    accelerator.register_for_checkpointing(sched, progress)
-    fingerprint = run_fingerprint({**cfg, "kind": args.kind, "pairs": len(train_d), "digit": meta, "vq": vq_meta},
-                                  Path(__file__), Path(stage2_module.__file__))  # never resume another code's state
-    ckpt_root = Path(args.checkpoints) / f"stage2_{args.kind}-{fingerprint}"
-    name = f"train_stage2_{args.kind}"
-    resumed = resume_latest(accelerator, ckpt_root, Path(args.live), name)
-    accelerator.init_trackers(name, init_kwargs={"dvclive": {
-        "dir": args.live, "resume": resumed, "save_dvc_exp": False, "dvcyaml": False, "report": None}})
-
-    rank, world, B = accelerator.process_index, accelerator.num_processes, cfg["batch_size"]
+    model, optimizer = trainer.prepare(model, optimizer, state=[sched])
     per_epoch = len(train_d) // (B * world)
 
     def global_batch(step: int):
@@ -118,12 +101,8 @@ def main() -> None:
             mask = random_mask(B * world, config.positions, gen)[rank * B:(rank + 1) * B]
         return rows, mask
 
-    bar = tqdm(total=cfg["max_steps"], initial=progress.step, desc=name, unit="step",
-               disable=not accelerator.is_main_process)
-    model.train()
-    while progress.step < cfg["max_steps"]:
-        started = time.perf_counter()
-        rows, mask = global_batch(progress.step)
+    def train_step(step: int) -> dict:
+        rows, mask = global_batch(step)
         digit, vq = train_d[rows].to(accelerator.device), train_v[rows].to(accelerator.device)
         with accelerator.autocast():
             loss = model(digit, vq, mask=mask) if mask is not None else model(digit, vq)
@@ -133,21 +112,13 @@ def main() -> None:
             accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         optimizer.step()
         sched.step()
-        progress.step += 1
-        metrics = {"train/loss": accelerator.reduce(loss.detach().float(), "mean").item(),
-                   "train/lr": sched.get_last_lr()[0],
-                   "train/pairs_per_s": B * world / (time.perf_counter() - started)}
-        if progress.step % cfg["eval_every"] == 0 or progress.step == cfg["max_steps"]:
-            metrics.update(val_metrics(accelerator.unwrap_model(model), val_d, val_v, cfg, accelerator.device))
-        accelerator.log(metrics, step=progress.step)
-        bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
-        bar.update(1)
-        if progress.step % cfg["checkpoint_every"] == 0 and progress.step < cfg["max_steps"]:
-            save_checkpoint(accelerator, ckpt_root, progress.step, Path(args.live))
-    bar.close()
+        return {"train/loss": accelerator.reduce(loss.detach().float(), "mean").item(),
+                "train/lr": sched.get_last_lr()[0]}
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    trainer.fit(train_step, lambda: val_metrics(accelerator.unwrap_model(model), val_d, val_v, cfg, accelerator.device),
+                items_per_step=B * world, throughput="train/pairs_per_s", show=("train/loss",))
+
+    def publish(live) -> None:
         stage2 = accelerator.unwrap_model(model).eval()
         kind = f"stage2_{args.kind}"
         renderer = Renderer(kind, config.digit_k, config.grid, accelerator.device, vqgan=vqgan.to(accelerator.device),
@@ -155,18 +126,16 @@ def main() -> None:
         val = PairedImages(args.images, Path(args.tokens) / "val.parquet", "val")
         report = render_report(renderer, val, cfg["eval_images"], B, args.reference,
                                params["evaluate"]["inception_weights"], vq_reference=val_v)
-        live = accelerator.get_tracker("dvclive").tracker
         live.summary["rec"] = {k: report[k] for k in ("psnr", "ssim", "rfid", "vq_token_accuracy")}
+        # The renderer is one folder: stage 2 with a copy of the VQGAN it paints through.
         save_stage2(stage2, {"digit_grid": meta["grid"], "encoder": meta.get("encoder"), "classes": meta.get("classes"),
-                             "vq_k": config.vq_k, "steps": cfg["max_steps"]}, args.out)
+                             "vq_k": config.vq_k, "steps": cfg["max_steps"]}, args.out, vqgan_dir=args.vqgan)
         write_json(args.report, {"kind": kind, **report, "params": stage2.num_params(), "steps": cfg["max_steps"],
                                  "sampling": stage2_sampling(cfg, kind)})
-        shutil.rmtree(ckpt_root, ignore_errors=True)
-        print(f"{name}: val PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}, rFID {report['rfid']:.2f}, "
+        print(f"{trainer.name}: val PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}, rFID {report['rfid']:.2f}, "
               f"VQ-token accuracy {report['vq_token_accuracy']:.3f} -> {args.out}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    finish(accelerator)
+
+    trainer.publish(publish)
 
 
 @torch.no_grad()

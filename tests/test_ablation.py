@@ -21,7 +21,8 @@ from conftest import FMNIST, ROOT, TINY_DAG, dvc, needs_fmnist, sh, update_param
 from digit.encoders import build_encoder, describe, validate_encoder
 from digit.errors import ConfigError
 from digit.params import MAX_BASE_SEED, SEED_STRIDE, load_params, seed_for
-from digit.stability import check_config, load_tokenizer, run_stability
+from digit.stability import check_config, load_tokenizer
+from stages.stability import run_stability
 
 STABILITY = {"snr_db": [30, 20, 5], "num_images": 10, "batch_size": 10, "seed": 0, "k_sweep": [], "noise_at": "stored"}
 

@@ -57,7 +57,7 @@ def test_two_queue_workers_give_the_same_metrics_as_sequential_runs(full_repo, t
 
 def test_weights_caches_take_concurrent_writers(tmp_path):
     """Two processes convert the offline encoder and Inception weights into one empty cache at once."""
-    code = ("from digit.encoders import package_weights_path; from digit.fid import offline_weights_path; "
+    code = ("from digit.weights import offline_weights_path, package_weights_path; "
             "print(package_weights_path(), offline_weights_path())")
     env = {**os.environ, "DIGIT_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -1,8 +1,6 @@
 """Encoders: converted package weights are right, feature grids have the documented shapes,
 and every bad `encoder.*` setting fails early with a ConfigError naming the key."""
 
-import os
-
 import pytest
 import timm
 import torch
@@ -11,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from skimage import data
 
-from digit import encoders
+from digit import weights
 from digit.encoders import DEFAULT_ENCODER, PAPER_ENCODER, build_encoder, describe, validate_encoder
 from digit.errors import ConfigError
 
@@ -19,7 +17,7 @@ from digit.errors import ConfigError
 def weights_file(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("DIGIT_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield encoders.package_weights_path()
+    yield weights.package_weights_path()
     mp.undo()
 
 
@@ -43,8 +41,7 @@ def test_package_weights_classify_real_images(weights_file):
     assert logits[1].argmax().item() == 967 and probs[1, 967] > 0.8  # espresso
 
     # The conversion is the raw .pth zipped in order onto timm's keys.
-    raw_path = encoders.importlib.util.find_spec(encoders._PKG).submodule_search_locations[0]
-    raw = torch.load(os.path.join(raw_path, "models", encoders._PKG_FILE), weights_only=True)
+    raw = torch.load(weights.lite0_package_file(), weights_only=True)
     ordered = dict(zip(model.state_dict(), raw.values()))
     with torch.no_grad():
         assert torch.equal(_classifier(ordered)(x), logits)
@@ -52,9 +49,9 @@ def test_package_weights_classify_real_images(weights_file):
 
 def test_package_weights_path_idempotent_and_clean(tmp_path, monkeypatch):
     monkeypatch.setenv("DIGIT_CACHE", str(tmp_path))
-    first = encoders.package_weights_path()
+    first = weights.package_weights_path()
     mtime = first.stat().st_mtime_ns
-    assert encoders.package_weights_path() == first and first.stat().st_mtime_ns == mtime
+    assert weights.package_weights_path() == first and first.stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp files left
 
 

