@@ -5,20 +5,21 @@ Keep each helper small, documented and free of side effects; import them with
 
 - `dvc_stages`: every stage of a DVC project, `foreach`/`matrix` expanded, as DVC itself resolves them.
 - `entry_modules`: the project modules a stage command runs (`-m stages.NAME`, `path/to/script.py`).
-- `import_closure`: the project files a set of entry files executes, found with `ast` (nothing is imported).
-- `parse`: a file's AST, cached until the file changes.
+(Which project files a module imports is digit.code's job, the one import reader: the training loop
+fingerprints the same files the deps test checks.)
 - `is_inert_init`: whether a package `__init__.py` holds nothing that can change what a stage computes.
-- `direct_imports`, `module_file`, `module_name`, `names_read`, `is_docstring`: the small pieces of the above.
+- `names_read`, `is_docstring`: small AST pieces.
 """
 
 from __future__ import annotations
 
 import ast
-import functools
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from digit.code import module_file, parse
 
 
 # ---------------------------------------------------------------- DVC stages
@@ -62,38 +63,7 @@ def dvc_stages(root: Path) -> list[StageInfo]:
     return stages
 
 
-# ---------------------------------------------------------------- modules and files
-
-def module_file(name: str, root: Path) -> Path | None:
-    """The file under `root` that `import name` executes last (`a/b.py` or `a/b/__init__.py`), or None."""
-    if not all(part.isidentifier() for part in name.split(".")):
-        return None
-    base = Path(root, *name.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def module_name(path: Path, root: Path) -> str:
-    """`digit/x.py` -> `digit.x`; `digit/__init__.py` -> `digit`."""
-    parts = list(path.resolve().relative_to(Path(root).resolve()).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def _with_parents(name: str, root: Path) -> list[Path]:
-    """Every project file `import name` executes: each enclosing package's `__init__.py`, then the module."""
-    parts = name.split(".")
-    files = []
-    for i in range(1, len(parts) + 1):
-        found = module_file(".".join(parts[:i]), root)
-        if found is None:
-            break  # not a project module (stdlib, third party) or a name inside a module
-        files.append(found)
-    return files
-
+# ---------------------------------------------------------------- stage entry points
 
 _ENTRY_MODULE = re.compile(r"(?<!\S)(?:-m\s*|--module[=\s]\s*)([A-Za-z_][\w.]*)")
 _ENTRY_SCRIPT = re.compile(r"(?<!\S)([\w./-]+\.py)(?!\S)")
@@ -119,101 +89,6 @@ def entry_modules(cmd: str, root: Path) -> list[Path]:
         if path.is_file() and path not in found:
             found.append(path)
     return found
-
-
-def parse(path: Path) -> ast.Module:
-    """The AST of a Python file, cached until the file changes (mtime or size)."""
-    stat = Path(path).stat()
-    return _parse(str(path), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=1024)
-def _parse(path: str, mtime_ns: int, size: int) -> ast.Module:
-    return ast.parse(Path(path).read_text(), filename=path)
-
-
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
-class _Imports(ast.NodeVisitor):
-    """Collect the dotted names a module imports, anywhere in it (function bodies too: lazy imports run)."""
-
-    def __init__(self, package: str):
-        self.package = package  # the package relative imports are resolved against
-        self.names: list[str] = []
-
-    def visit_If(self, node: ast.If) -> None:
-        if _is_type_checking(node.test):  # never runs: `if TYPE_CHECKING:` is False at run time
-            for child in node.orelse:
-                self.visit(child)
-        else:
-            self.generic_visit(node)
-
-    def visit_Import(self, node: ast.Import) -> None:
-        self.names.extend(alias.name for alias in node.names)
-
-    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
-        if node.level:
-            parts = self.package.split(".") if self.package else []
-            parts = parts[:len(parts) - (node.level - 1)] if node.level > 1 else parts
-            base = ".".join(parts + ([node.module] if node.module else []))
-        else:
-            base = node.module or ""
-        if base == "__future__":
-            return
-        self.names.append(base)
-        # `from pkg import name`: `name` is a submodule when pkg/name.py (or pkg/name/) exists.
-        self.names.extend(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
-
-    def visit_Call(self, node: ast.Call) -> None:
-        # importlib.import_module("pkg.mod") / __import__("pkg.mod") with a literal name
-        func = node.func
-        called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-        if called in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str):
-            self.names.append(node.args[0].value)
-        self.generic_visit(node)
-
-
-def direct_imports(path: Path, root: Path) -> list[Path]:
-    """The project files under `root` that importing/running `path` executes directly (sorted, unique)."""
-    name = module_name(path, root)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    visitor = _Imports(package)
-    visitor.visit(parse(path))
-    files = {f for imported in visitor.names for f in _with_parents(imported, root)}
-    files.discard(path)
-    return sorted(files)
-
-
-def import_closure(entries: list[Path], root: Path) -> dict[Path, list[Path]]:
-    """Every project file that running `entries` executes, each mapped to one shortest import chain.
-
-    Found statically with `ast`, nothing is imported. Counted: `import a.b [as c]`, `from a.b import c`
-    (c a submodule or a name), `from a import b` (b a module when a/b.py exists), relative imports,
-    imports inside functions (they run when the function does), `importlib.import_module("a.b")` with a
-    literal name, and the enclosing packages' `__init__.py`. Not counted: `if TYPE_CHECKING:` bodies.
-    The chain starts at an entry and ends at the file: [entry, ..., file].
-    """
-    root = Path(root).resolve()
-    chains: dict[Path, list[Path]] = {}
-    queue: list[Path] = []
-    for entry in entries:
-        entry = Path(entry).resolve()
-        # `python -m a.b` first imports package `a` (a/__init__.py), then runs a/b.py.
-        for f in [*_with_parents(module_name(entry, root), root)[:-1], entry]:
-            if f not in chains:
-                chains[f] = [entry] if f == entry else [entry, f]
-                queue.append(f)
-    while queue:  # breadth first: chains are shortest
-        current = queue.pop(0)
-        for f in direct_imports(current, root):
-            if f not in chains:
-                chains[f] = [*chains[current], f]
-                queue.append(f)
-    return chains
 
 
 def is_docstring(stmt: ast.stmt) -> bool:
@@ -266,3 +141,55 @@ def names_read(path: Path) -> set[str]:
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
             found.add(node.value)  # getattr(pkg, "__version__")
     return found
+
+
+# ---------------------------------------------------------------- running stages
+
+def stages_ran(output: str) -> set[str]:
+    """The stages a `dvc repro` / `dvc exp run` ran, from its output ("Running stage 'train@digit':")."""
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def stage_cmd(name: str, *args: str, launcher: list[str] | None = None) -> list[str]:
+    """The command line of `python -m stages.<name> args` (or under `launcher`, e.g. torchrun())."""
+    import sys
+
+    return [*(launcher or [sys.executable, "-m"]), f"stages.{name}", *args]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """A CPU torchrun launcher prefix for stage_cmd: `nproc` processes on a free local port, then `-m`."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), "-m"]
+
+
+def kill_after_checkpoint(cmd: list[str], cwd: Path, checkpoints: Path, step: int, env: dict | None = None,
+                          timeout: float = 120) -> None:
+    """Start `cmd`, SIGKILL it as soon as checkpoint step `step` exists under `checkpoints`/<run>/, wait.
+
+    Fails the test when the run ends before that checkpoint (the run is too short to be killed)."""
+    import signal
+    import subprocess
+    import time
+
+    import pytest
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not list(Path(checkpoints).glob(f"*/step_{step:08d}")) and time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{' '.join(cmd)} finished before checkpoint {step}; make the run longer")
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -7,7 +7,7 @@ but never imported re-runs the stage for nothing. Checked statically (DVC's own 
 
 What counts as "runs": the entry modules of the stage's cmd (`-m stages.NAME`) and, transitively, every
 project module they import, anywhere in the file (imports inside functions run too), including the
-packages' `__init__.py` -- see `helpers.import_closure`. Two kinds of module may be left out of deps (and
+packages' `__init__.py` -- see `digit.code.import_closure`. Two kinds of module may be left out of deps (and
 may also be listed, if the stage imports them):
 
 - the modules in EXEMPT below, whose code cannot change any output (checked by
@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from helpers import (StageInfo, direct_imports, dvc_stages, entry_modules, import_closure, inert_init_names,
-                     is_docstring, is_inert_init, module_name, names_read)
+from digit.code import direct_imports, import_closure, module_name
+from helpers import StageInfo, dvc_stages, entry_modules, inert_init_names, is_docstring, is_inert_init, names_read
 
 # Modules a stage may leave out of deps: a change to them cannot change any output of any stage.
 EXEMPT = {
