@@ -21,7 +21,7 @@ counts from the end (-1 = last). Note timm itself reads an *int* `indices` as
 grid is exactly img_size / stride (tf_efficientnet_lite0, layer -2, 112 px: 7x7x112;
 DINOv2 ViT-B/14, layer -3, 224 px: 16x16x768).
 
-Two controls for the paper's tokenizer comparison (README "Tokenizer ablation"):
+Two controls for the paper's tokenizer comparison (docs/results.md):
   name "pixels"   the reconstructive baseline: raw pixel patches, no network. The image
                   takes exactly the encoder's input path (resize to img_size, / 255) and
                   is cut into patch_size x patch_size x 3 patches, so at 112 px and

@@ -44,7 +44,7 @@ encoder's input). `noise_at: encoder_input` is the other protocol: x is the clea
 encoder input c itself (img_size x img_size, the pipeline's resize of the image), P is
 measured on c and white noise is added to c directly, no resize. Every tokenizer of the
 ablation (network encoders and `pixels`, which cuts patches from the same input) sees
-the same noisy image under either protocol; README "Tokenizer ablation" reports both.
+the same noisy image under either protocol; docs/results.md reports both.
 
 An image with P = 0 (all black) gets no noise. The noise of image i (its index
 in the val stream) at SNR index j is drawn in float64 from a torch.Generator

@@ -298,7 +298,7 @@ def save_stage2(model: Stage2AR | Stage2NAR, meta: dict, directory: str | Path,
 def load_stage2(directory: str | Path, digit_k: int | None = None, vq_k: int | None = None,
                 grid: int | tuple[int, int] | None = None) -> tuple[Stage2AR | Stage2NAR, dict]:
     """(model in eval mode, meta), checked against the DiGIT tokens / VQGAN it will be used with."""
-    config, meta = read_artifact(directory, Stage2Config, "train_stage2_ar / train_stage2_nar")
+    config, meta = read_artifact(directory, Stage2Config, "train_stage2")
     fix = "re-run the stage that trains it on these tokens"
     if digit_k is not None and digit_k != config.digit_k:
         raise ConfigError(f"{directory} was trained for a DiGIT codebook of {config.digit_k} codes, the tokens "

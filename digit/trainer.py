@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from digit.code import code_digest
 from digit.distributed import finish, make_accelerator
-from digit.errors import TrainingError
+from digit.errors import ConfigError, TrainingError
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -129,6 +129,9 @@ class Trainer:
                start: int) -> Iterator:
         """Batches forever from global batch `start`: epoch_batches(epoch, skip) yields one epoch's batches
         after `skip`, epoch_length(epoch) is how many it yields (so a resumed run lands on the same batch)."""
+        if epoch_length(0) == 0:
+            raise ConfigError(f"{self.name}: an epoch of the training data holds no full batch of batch_size x "
+                              f"{self.world} process(es); lower the stage's batch_size (or raise its shuffle_shards)")
         epoch, skip = 0, start
         while skip >= epoch_length(epoch):
             skip -= epoch_length(epoch)
