@@ -1,11 +1,12 @@
 """Benchmark: the rendering paths of `decode` side by side, on the same sampled DiGIT tokens.
 
-Loads the trained models of the workspace run (models/decoder, models/vqgan, models/stage2_ar,
-models/stage2_nar) and the GPT's samples (data/samples/tokens.parquet), then times per image:
+Loads the trained renderers of the workspace run (models/decoder, models/stage2_ar, and
+models/stage2_nar when `train_stage2@nar` was run: a stage-2 folder holds its VQGAN) and the DiGIT
+GPT's samples (data/samples/digit/tokens.parquet), then times per image:
 
     direct      DiGIT tokens -> decoder
     stage2_ar   DiGIT tokens -> Stage2AR (KV cache, top-p) -> VQGAN decoder
-    stage2_nar  DiGIT tokens -> Stage2NAR (MaskGIT, nar_steps passes) -> VQGAN decoder
+    stage2_nar  DiGIT tokens -> Stage2NAR (MaskGIT, nar_steps passes) -> VQGAN decoder (if trained)
 
 and, for stage 2 AR, KV-cache decoding against recomputing the whole sequence for every token
 (greedy, so both must give identical tokens; checked). Rounds alternate between paths so background
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -40,15 +42,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--tokens", default="data/samples/tokens.parquet")
+    parser.add_argument("--tokens", default="data/samples/digit/tokens.parquet", help="output of `sample@digit`")
     args = parser.parse_args()
     params = load_params()
     tokens, _, _, meta = read_tokens(args.tokens)
     batch = tokens[:args.batch]
-    renderers = {kind: load_renderer(meta, kind, "cpu", decoder_dir="models/decoder", vqgan_dir="models/vqgan",
-                                     stage2_dir=f"models/{kind}" if kind != "direct" else None,
+    models = {"direct": "models/decoder", "stage2_ar": "models/stage2_ar", "stage2_nar": "models/stage2_nar"}
+    renderers = {kind: load_renderer(meta, kind, folder, "cpu",
                                      sampling=stage2_sampling(params["stage2"], kind) if kind != "direct" else None)
-                 for kind in ("direct", "stage2_ar", "stage2_nar")}
+                 for kind, folder in models.items()
+                 if kind != "stage2_nar" or Path(folder).is_dir()}  # NAR: not in the default DAG
     best = {kind: float("inf") for kind in renderers}
     for _ in range(args.rounds):
         for kind, renderer in renderers.items():

@@ -61,7 +61,7 @@ def stage_tokens_per_s(params: Path, tokens_dir: str, steps: int) -> float:
         p["gpt"].update(max_steps=steps, eval_every=10 * steps, checkpoint_every=10 * steps)
         (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(p))
         root = Path(__file__).resolve().parents[1]
-        subprocess.run([sys.executable, "-m", "stages.train", "--params", f"{tmp}/params.yaml",
+        subprocess.run([sys.executable, "-m", "stages.train", "--name", "bench_train", "--params", f"{tmp}/params.yaml",
                         "--tokens", str(Path(tokens_dir).resolve()), "--out", f"{tmp}/gpt", "--live", f"{tmp}/live",
                         "--checkpoints", f"{tmp}/ck"], cwd=tmp, check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(root)})
@@ -72,7 +72,8 @@ def stage_tokens_per_s(params: Path, tokens_dir: str, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--tokens", default="data/tokens", help="output of `dvc repro tokenize`")
+    parser.add_argument("--tokens", default="data/tokens", help="a tokenizer's tokens: data/tokens (`tokenize`) or "
+                        "data/vq_tokens (`vq_tokenize`)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
@@ -83,18 +84,22 @@ def main() -> None:
     labels, tokens = next(TokenBatches(path, cfg["batch_size"], 0).epoch(0))
     batch = (torch.from_numpy(labels), torch.from_numpy(tokens))
 
+    # The bare loop runs at the stage's precision (gpt.precision), so the ratio is the stage's overhead only.
+    precision = "bf16" if cfg["precision"] == "bf16" else "fp32"
     results = {"stage": [], "bare": []}
     for _ in range(args.rounds):
         results["stage"].append(stage_tokens_per_s(Path(args.params), args.tokens, args.steps))
-        results["bare"].append(bare_tokens_per_s(cfg, meta, batch, args.steps))
+        results["bare"].append(bare_tokens_per_s(cfg, meta, batch, args.steps, precision=precision))
     best = {k: max(v) for k, v in results.items()}
     print(f"GPT {cfg['n_layer']}x{cfg['n_embd']} ({cfg['n_head']} heads), batch {cfg['batch_size']} x "
-          f"{tokens.shape[1]} tokens, {torch.get_num_threads()} threads, {args.rounds} rounds of {args.steps} steps")
+          f"{tokens.shape[1]} tokens, {torch.get_num_threads()} threads, {args.rounds} rounds of {args.steps} steps, "
+          f"{precision}")
     for key, name in (("bare", "bare PyTorch loop"), ("stage", "train stage")):
         print(f"{name:22s}: {best[key]:9,.0f} tok/s  (rounds: {', '.join(f'{v:,.0f}' for v in results[key])})")
     print(f"ratio stage/bare       : {best['stage'] / best['bare']:.3f}   (floor 0.9)")
-    bf16 = bare_tokens_per_s(cfg, meta, batch, args.steps, precision="bf16")
-    print(f"bare bf16 autocast     : {bf16:9,.0f} tok/s  ({bf16 / best['bare']:.2f}x fp32)")
+    other = "fp32" if precision == "bf16" else "bf16"
+    alt = bare_tokens_per_s(cfg, meta, batch, args.steps, precision=other)
+    print(f"bare {other:17s}: {alt:9,.0f} tok/s  ({alt / best['bare']:.2f}x {precision})")
     if args.compile:
         compiled = bare_tokens_per_s(cfg, meta, batch, args.steps, compile_=True)
         print(f"bare torch.compile     : {compiled:9,.0f} tok/s  ({compiled / best['bare']:.2f}x eager)")

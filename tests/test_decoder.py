@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import needs_fmnist
-from digit.decoder import (DecoderConfig, PairedImages, PatchDiscriminator, TokenDecoder, load_decoder,
-                           save_decoder, to_unit)
+from digit.decoder import DecoderConfig, PairedImages, TokenDecoder, load_decoder, save_decoder, to_unit
 from digit.errors import ConfigError
+from digit.gan import PatchDiscriminator, discriminator_step, generator_loss
 from digit.reconstruction import PSNR_CAP, image_quality
 from stages.decode import sample_grid
 
@@ -41,6 +41,48 @@ def test_embedding_starts_from_centroids_and_checks_their_shape():
 def test_discriminator_scores_patches():
     logits = PatchDiscriminator()(torch.zeros(2, 3, 28, 28))
     assert logits.shape == (2, 1, 7, 7)
+
+
+def _hinge(disc, real, fake) -> float:
+    with torch.no_grad():
+        return (F.relu(1 - disc(real)).mean() + F.relu(1 + disc(fake)).mean()).item()
+
+
+def test_discriminator_step_lowers_the_hinge_loss_on_an_easy_toy():
+    """digit.gan.discriminator_step (train_decoder's and train_vqgan's D update) learns real vs fake, through a
+    real Accelerator, and never sends gradients into the generator that made the fakes."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    gen = torch.Generator().manual_seed(0)
+    phase = torch.rand(8, 1, 1, 1, generator=gen) * 6.28
+    rows = torch.arange(28.0).view(1, 1, 28, 1)
+    real = torch.sin(rows * 0.7 + phase).expand(8, 3, 28, 28).contiguous()  # smooth stripes in [-1, 1]
+    generator = torch.nn.Conv2d(3, 3, 1)  # a stand-in generator: the fakes carry its graph
+    fake = generator((torch.rand(8, 3, 28, 28, generator=gen) * 2 - 1))  # noise
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(width=8)
+    opt = torch.optim.Adam(disc.parameters(), lr=2e-3, betas=(0.5, 0.9))
+    accelerator = Accelerator(cpu=True)
+    try:
+        disc, opt = accelerator.prepare(disc, opt)
+        losses = []
+        for _ in range(8):
+            before = _hinge(disc, real, fake)
+            losses.append(discriminator_step(accelerator, disc, opt, real, fake))
+            assert losses[-1] == pytest.approx(before, rel=1e-5, abs=1e-6)  # the loss of the D it updated
+        final = _hinge(disc, real, fake)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert 1.5 < losses[0] < 2.5  # an untrained D: logits near 0, hinge near 2
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert final < 0.5 * losses[0], (losses, final)
+    with torch.no_grad():
+        assert disc(real).mean() > disc(fake).mean()
+    assert generator.weight.grad is None and generator.bias.grad is None  # fakes detached
+    g = generator_loss(disc, fake)
+    g.backward()
+    assert g.item() == pytest.approx(-disc(fake).mean().item(), rel=1e-5) and generator.weight.grad is not None
 
 
 def test_save_load_roundtrip_and_mismatch_errors(tmp_path):
@@ -106,6 +148,7 @@ def test_paired_images_stream_in_lockstep(tiny_repo):
     assert len(first) == 192  # 200 rows, whole batches of 32 only
     other = np.concatenate([t for t, _ in pairs.batches(32, 7, 2)])
     assert not np.array_equal(first, other)
+    assert pairs.epoch_length(32, 7, 1) == 6 and pairs.epoch_length(32, 7, 2) == len(other) // 32
     tokens, images = pairs.shard(1)
     assert images.shape == (len(tokens), 28, 28, 3) and images.dtype == np.uint8
     limited = sum(len(t) for t, _ in pairs.batches(30, 0, 0, shuffle=False, limit=45))

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import digit.gpt as gpt_module
 from digit.errors import ConfigError
-from digit.gpt import PRESETS, GPT, GPTConfig, filter_logits, load_gpt, sample_next
+from digit.gpt import PRESETS, GPT, GPTConfig, filter_logits, sample_next
+from digit.training import load_trained, save_trained
 
 K, T, CLASSES = 32, 16, 4
 
@@ -254,20 +255,27 @@ def test_conditional_null_class_and_generate_keeps_mode():
 
 def test_save_load_round_trip(tmp_path):
     model = tiny(dropout=0.1, bias=True)
-    model.save_pretrained(tmp_path / "gpt")
-    assert sorted(p.name for p in (tmp_path / "gpt").iterdir()) == ["config.json", "model.safetensors"]
+    meta = {"grid": [4, 4], "vocab_size": K, "classes": ["a", "b", "c", "d"]}
+    save_trained(model, meta, tmp_path / "gpt")
+    assert sorted(p.name for p in (tmp_path / "gpt").iterdir()) == ["config.json", "meta.json", "model.safetensors"]
     config = json.loads((tmp_path / "gpt" / "config.json").read_text())
     assert config["vocab_size"] == K and config["block_size"] == T + 1 and config["num_classes"] == CLASSES
-    loaded = load_gpt(tmp_path / "gpt").eval()
-    assert loaded.config == model.config
+    loaded, loaded_meta = load_trained(tmp_path / "gpt")
+    assert loaded.config == model.config and loaded_meta == meta and not loaded.training
     cond, tokens = torch.tensor([0, 4]), torch.randint(0, K, (2, T))
     assert torch.equal(model(cond, tokens), loaded(cond, tokens))
-    model.save_pretrained(tmp_path / "gpt")  # overwriting an existing save works
+    save_trained(model, meta, tmp_path / "gpt")  # overwriting an existing save works
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt"]  # no temporary folder left behind
     (tmp_path / "gpt" / "model.safetensors").unlink()
-    with pytest.raises(ConfigError, match=r"model.safetensors is missing"):
-        GPT.from_pretrained(tmp_path / "gpt")
-    with pytest.raises(ConfigError, match=r"config.json is missing"):
-        GPT.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=r"gpt/model.safetensors: missing; .*not a complete `train` output, "
+                                          r"re-run `dvc repro train`"):
+        load_trained(tmp_path / "gpt")
+    save_trained(model, meta, tmp_path / "gpt")
+    (tmp_path / "gpt" / "config.json").unlink()
+    with pytest.raises(ConfigError, match=r"gpt/config.json: missing; .*not a complete `train` output"):
+        load_trained(tmp_path / "gpt")
+    with pytest.raises(ConfigError, match=r"nowhere/model.safetensors: missing"):
+        load_trained(tmp_path / "nowhere")
 
 
 def test_configure_optimizer_decays_only_matrices():

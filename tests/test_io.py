@@ -1,21 +1,24 @@
-"""Unit tests for parameters, atomic outputs, shards and token files."""
+"""Unit tests for parameters, atomic outputs, model artifacts, shards and token files."""
 
 from __future__ import annotations
 
 import io
 import json
 import tarfile
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT
+from digit.artifact import load_weights, read_artifact, save_artifact
 from digit.atomic import atomic_dir, atomic_file
 from digit.errors import ConfigError
 from digit.params import Yaml12Loader, load_params, validate
-from digit.shards import ShardSink, encode_npy, encode_png, iter_samples
+from digit.shards import ShardSink, WindowedShards, encode_npy, encode_png, iter_samples
 from digit.tokens import TokenWriter, read_metadata, read_tokens, token_schema, token_stats
 
 
@@ -56,8 +59,10 @@ def test_params_cross_field_rule_k_vs_max_points(tmp_path):
 
 def test_params_read_as_dvc_writes_them(tmp_path):
     """`dvc exp run -S` rewrites params.yaml as YAML 1.2: `precision: "no"` becomes `precision: no`."""
-    text = (ROOT / "params.yaml").read_text().replace('precision: "no"', "precision: no")
-    assert text.count("precision: no ") == 4  # gpt, decoder, vqgan, stage2
+    text = (ROOT / "params.yaml").read_text()
+    assert text.count("precision: bf16 ") == 4  # gpt, decoder, vqgan, stage2
+    text = text.replace("precision: bf16 ", "precision: no ")  # as after `dvc exp run -S gpt.precision=no ...`
+    assert text.count("precision: no ") == 4
     path = tmp_path / "params.yaml"
     path.write_text(text)
     params = load_params(path)  # YAML 1.1 would read `no` as False and fail validation
@@ -176,13 +181,178 @@ def test_token_stats():
     assert stats["perplexity"] == pytest.approx(2.0)
 
 
-def test_params_stage2_on_vq_tokens_is_refused(tmp_path):
+def test_params_headline_snr_is_one_of_snr_db_and_the_kind_switches_are_gone():
+    """One DAG runs every tokenizer and renderer: tokenizer.kind / decoder.kind no longer exist, and the SNR
+    evaluate reports (stability.headline_snr) must be one the stability stage measures."""
     params = default_params()
-    params["tokenizer"]["kind"] = "vq"
-    assert validate(params) == []  # VQ tokens are rendered by the VQGAN: decoder.kind direct
-    params["decoder"]["kind"] = "stage2_nar"
+    assert params["stability"]["headline_snr"] in params["stability"]["snr_db"]
+    for snr in (0.01, 30, 20.0):
+        params["stability"]["headline_snr"] = snr
+        assert validate(params) == []
+    params["stability"]["headline_snr"] = 7
+    assert validate(params) == ["stability.headline_snr: 7 is not one of stability.snr_db "
+                                "[30, 25, 20, 15, 10, 5, 1, 0.01]; pick one of them"]
+    params["stability"]["headline_snr"] = "20"
     problems = validate(params)
-    assert len(problems) == 1 and problems[0].startswith("decoder.kind: stage2_nar translates DiGIT tokens")
-    params["tokenizer"]["kind"] = "clip"
-    assert validate(params) == ["tokenizer.kind: 'clip' is not one of 'discriminative', 'vq' "
-                                "[discriminative (DiGIT tokens) | vq (VQGAN tokens)]"]
+    assert len(problems) == 1 and problems[0].startswith("stability.headline_snr: expected float, got str '20'")
+    del params["stability"]["headline_snr"]
+    assert validate(params) == ["stability.headline_snr: missing from params.yaml"]
+
+    params = default_params()
+    params["tokenizer"] = {"kind": "vq"}
+    params["decoder"]["kind"] = "stage2_nar"
+    problems = sorted(validate(params))
+    assert len(problems) == 2
+    assert problems[0].startswith("decoder.kind: unknown parameter")
+    assert problems[1].startswith("tokenizer.kind: unknown parameter")
+
+
+# ---------------------------------------------------------------- digit/artifact.py
+
+@dataclass
+class TinyConfig:
+    width: int = 4
+    depth: int = 1
+    grid: tuple = (2, 2)
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self, config: TinyConfig):
+        super().__init__()
+        self.config = config
+        self.layers = torch.nn.Sequential(*[torch.nn.Linear(config.width, config.width) for _ in range(config.depth)])
+        self.register_buffer("step", torch.tensor(0))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def tiny_net(seed: int = 0, **kw) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet(TinyConfig(**kw))
+
+
+def as_tuple_grid(raw: dict) -> dict:
+    return {**raw, "grid": tuple(raw["grid"])}
+
+
+def test_artifact_round_trip(tmp_path):
+    model = tiny_net(grid=(3, 4))
+    model.step.fill_(7)
+    meta = {"grid": [3, 4], "vocab_size": 16, "classes": ["a", "b"]}
+    save_artifact(model, meta, tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "meta.json", "model.safetensors"]
+    assert json.loads((tmp_path / "m" / "config.json").read_text()) == {"width": 4, "depth": 1, "grid": [3, 4]}
+    config, got_meta = read_artifact(tmp_path / "m", TinyConfig, "train", convert=as_tuple_grid)
+    assert config == model.config and got_meta == meta
+    loaded = load_weights(TinyNet(config), tmp_path / "m", "train")
+    assert not loaded.training and int(loaded.step) == 7  # buffers travel too
+    x = torch.randn(2, 4)
+    assert torch.equal(loaded(x), model(x))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+    # Replacing a complete output, with another folder copied in: nothing stale, no temporary left.
+    other = tiny_net(seed=1)
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "f.txt").write_text("x")
+    save_artifact(other, {"v": 2}, tmp_path / "m", include={"sub": tmp_path / "extra"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["extra", "m"]
+    assert (tmp_path / "m" / "sub" / "f.txt").read_text() == "x"
+    config, got_meta = read_artifact(tmp_path / "m", TinyConfig, "train", convert=as_tuple_grid)
+    assert got_meta == {"v": 2} and config == TinyConfig()
+    assert torch.equal(load_weights(TinyNet(config), tmp_path / "m", "train")(x), other(x))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "meta.json"])
+def test_artifact_missing_file_names_the_producer(tmp_path, name):
+    save_artifact(tiny_net(), {}, tmp_path / "m")
+    (tmp_path / "m" / name).unlink()
+    folder = tmp_path / "m"
+    with pytest.raises(ConfigError) as err:
+        read_artifact(folder, TinyConfig, "train_vqgan")
+    assert str(err.value) == (f"{folder / name}: missing; {folder} is not a complete `train_vqgan` output, "
+                              "re-run `dvc repro train_vqgan`")
+    with pytest.raises(ConfigError, match=r"nowhere/model.safetensors: missing; .*`train_decoder` output, "
+                                          r"re-run `dvc repro train_decoder`"):
+        read_artifact(tmp_path / "nowhere", TinyConfig, "train_decoder")
+
+
+def test_artifact_unknown_config_keys_and_damaged_json(tmp_path):
+    save_artifact(tiny_net(), {}, tmp_path / "m")
+    config_path = tmp_path / "m" / "config.json"
+    raw = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**raw, "heads": 2, "act": "gelu"}))
+    with pytest.raises(ConfigError, match=r"config.json: unknown keys \['act', 'heads'\], written by another "
+                                          r"version of the code; re-run `dvc repro train`"):
+        read_artifact(tmp_path / "m", TinyConfig, "train")
+    config_path.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"the folder is damaged, re-run `dvc repro train`"):
+        read_artifact(tmp_path / "m", TinyConfig, "train")
+
+
+def test_artifact_weights_that_do_not_fit_the_config_are_a_config_error(tmp_path):
+    save_artifact(tiny_net(width=4, depth=2), {}, tmp_path / "m")
+    config_path = tmp_path / "m" / "config.json"
+    raw = json.loads(config_path.read_text())
+    for change, fragment in (({"width": 8}, r"model.safetensors does not match config.json: .*size mismatch"),
+                             ({"depth": 3}, r"model.safetensors does not match config.json \(missing \['layers.2"),
+                             ({"depth": 1}, r"model.safetensors does not match config.json \(missing \[\], "
+                                            r"unexpected \['layers.1")):
+        config_path.write_text(json.dumps({**raw, **change}))
+        config, _ = read_artifact(tmp_path / "m", TinyConfig, "train_stage2")
+        with pytest.raises(ConfigError, match=fragment + r".*re-run `dvc repro train_stage2`") as err:
+            load_weights(TinyNet(config), tmp_path / "m", "train_stage2")
+        assert type(err.value) is ConfigError and not isinstance(err.value, RuntimeError)
+    # The same through a real loader: a GPT whose config.json was edited.
+    from digit.gpt import GPT, GPTConfig
+    from digit.training import load_trained, save_trained
+
+    save_trained(GPT(GPTConfig(vocab_size=16, block_size=5, n_layer=1, n_head=2, n_embd=32)), {}, tmp_path / "gpt")
+    config_path = tmp_path / "gpt" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "n_embd": 64}))
+    with pytest.raises(ConfigError, match=r"gpt/model.safetensors does not match config.json: .*re-run `dvc repro "
+                                          r"train`"):
+        load_trained(tmp_path / "gpt")
+
+
+# ---------------------------------------------------------------- digit/shards.WindowedShards
+
+class MemoryShards(WindowedShards):
+    """Shards held in memory: shard i holds `counts[i]` consecutive ids, and the ids x 10 as a second array."""
+
+    def __init__(self, counts, window):
+        self.counts, self.window = list(counts), window
+        starts = np.cumsum([0, *counts])
+        self.data = [np.arange(starts[i], starts[i + 1]) for i in range(len(counts))]
+        self.reads = 0
+
+    def parts(self, index):
+        self.reads += 1
+        return self.data[index], self.data[index] * 10
+
+
+@pytest.mark.parametrize("counts", [[5, 3, 7, 1, 4], [10], [2, 9, 4, 4, 6, 1, 8, 3], [1, 1, 1, 13, 0, 2]])
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_windowed_shards_epoch_length_is_what_the_batches_yield(counts, window):
+    shards = MemoryShards(counts, window)
+    total = sum(counts)
+    for batch_size in (1, 2, 3, 4, 5, 7, total, total + 1):
+        for seed in range(3):
+            for epoch in range(3):
+                shards.reads = 0
+                expected = shards.epoch_length(batch_size, seed, epoch)
+                assert shards.reads == 0  # counted from shard sizes, no shard read
+                batches = list(shards.windowed_batches(batch_size, seed, epoch))
+                assert expected == len(batches), (counts, window, batch_size, seed, epoch)
+                assert all(len(ids) == batch_size and np.array_equal(tens, ids * 10) for ids, tens in batches)
+                ids = np.concatenate([b[0] for b in batches]) if batches else np.array([], int)
+                assert len(set(ids.tolist())) == len(ids)  # no row twice
+                again = list(shards.windowed_batches(batch_size, seed, epoch))  # a pure function of (seed, epoch)
+                assert all(np.array_equal(a[0], b[0]) for a, b in zip(batches, again)) and len(again) == len(batches)
+        # Unshuffled: every row once, in shard order, the last batch of each window may be short.
+        plain = np.concatenate([ids for ids, _ in shards.windowed_batches(batch_size, 0, 0, shuffle=False)])
+        assert np.array_equal(plain, np.arange(total))
+        limited = sum(len(ids) for ids, _ in shards.windowed_batches(batch_size, 0, 0, shuffle=False, limit=5))
+        assert limited == min(5, total)
+    orders = {tuple(np.concatenate([b[0] for b in shards.windowed_batches(1, 0, epoch)])) for epoch in range(4)}
+    assert len(orders) > 1 or len(counts) == 1 and counts[0] <= 1  # epochs reshuffle

@@ -247,7 +247,7 @@ def _schema_has_stability() -> bool:
 def test_stage_cli(stage_inputs, tmp_path):
     images, cb = stage_inputs
     params = yaml.load((ROOT / "params.yaml").read_text(), Loader=Yaml12Loader)
-    params["stability"] = {**CFG, "snr_db": [30, 5], "num_images": 3, "batch_size": 4}
+    params["stability"] = {**CFG, "snr_db": [30, 5], "headline_snr": 30, "num_images": 3, "batch_size": 4}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     args = [sys.executable, "-m", "stages.stability", "--params", str(tmp_path / "params.yaml"),
             "--images", str(images), "--report", str(tmp_path / "r.json"), "--live", str(tmp_path / "live"),
@@ -262,7 +262,7 @@ def test_stage_cli(stage_inputs, tmp_path):
     # The VQ tokenizer's row is on by default: a missing VQGAN is named, not a traceback.
     proc = sh([*args[:-2], "--vqgan", str(tmp_path / "novq"), "--codebook", str(cb),
                "--report", str(tmp_path / "r2.json")], ROOT, env=env, check=False)
-    expect_error(proc, "novq", "not a complete VQGAN output")
+    expect_error(proc, "novq", "not a complete `train_vqgan` output")
     assert not (tmp_path / "r2.json").exists()
 
     expect_error(sh([*args, "--codebook", str(tmp_path / "none")], ROOT, check=False, env=env), "centroids.npy")
@@ -274,7 +274,9 @@ def test_params_file_with_bad_snr_list(tmp_path, snr_db):
     from digit.params import load_params
 
     params = yaml.load((ROOT / "params.yaml").read_text(), Loader=Yaml12Loader)
-    params["stability"] = {**CFG, "snr_db": snr_db}
+    params["stability"] = {**CFG, "headline_snr": 20, "snr_db": snr_db}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with pytest.raises(ConfigError, match="stability.snr_db"):
         check_config(load_params(tmp_path / "params.yaml")["stability"])
+    with pytest.raises(ConfigError, match="stability.snr_db"):  # the list itself, not only the headline rule
+        check_config(params["stability"])

@@ -172,7 +172,7 @@ def test_save_load_round_trip_and_mismatch_errors(tmp_path, kind):
         load_stage2(tmp_path / "s2", vq_k=512)
     with pytest.raises(ConfigError, match=r"trained on a 4x4 token grid, the tokens have 7x7; re-run"):
         load_stage2(tmp_path / "s2", grid=7)
-    with pytest.raises(ConfigError, match="not a complete stage-2 output"):
+    with pytest.raises(ConfigError, match=r"missing/model.safetensors: missing; .* is not a complete `train_stage2"):
         load_stage2(tmp_path / "missing")
 
 

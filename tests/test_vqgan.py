@@ -201,5 +201,6 @@ def test_save_load_round_trip_and_mismatch_errors(tmp_path):
         load_vqgan(tmp_path / "vq", k=32)
     with pytest.raises(ConfigError, match="trained with token grid 7, expected 8"):
         load_vqgan(tmp_path / "vq", grid=8)
-    with pytest.raises(ConfigError, match="not a complete VQGAN output"):
+    with pytest.raises(ConfigError, match=r"missing/model.safetensors: missing; .* is not a complete `train_vqgan` "
+                                          r"output, re-run `dvc repro train_vqgan`"):
         load_vqgan(tmp_path / "missing")

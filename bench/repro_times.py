@@ -1,0 +1,63 @@
+"""Time a whole `dvc repro` stage by stage -> reports/times.json (read by `make report`).
+
+Runs `dvc repro` (extra arguments are passed on), stamps each "Running stage" line as it
+streams, and writes {"<stage>": seconds, ..., "total": seconds, "install": seconds (with
+--install-seconds), "measured": "date, cores, command"}. A stage's time runs from its
+"Running stage" line to the next one (or the end), so it includes DVC's own hashing of
+its outputs. Run it in a fresh clone after `make setup` for the README's figure:
+
+    python bench/repro_times.py [--install-seconds N] [-- dvc repro args]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RUNNING = re.compile(r"Running stage '([^']+)'")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="reports/times.json")
+    parser.add_argument("--install-seconds", type=float, default=None, help="time `make setup` took, recorded too")
+    parser.add_argument("dvc_args", nargs="*")
+    args = parser.parse_args()
+    cmd = [sys.executable, "-m", "dvc", "repro", *args.dvc_args]
+    started = time.perf_counter()
+    times: dict[str, float] = {}
+    current, since = None, started
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        match = RUNNING.search(line)
+        if match:
+            now = time.perf_counter()
+            if current:
+                times[current] = round(now - since, 1)
+            current, since = match.group(1), now
+    if proc.wait() != 0:
+        sys.exit(f"dvc repro failed (exit {proc.returncode}); no times written")
+    end = time.perf_counter()
+    if current:
+        times[current] = round(end - since, 1)
+    times["total"] = round(end - started, 1)
+    if args.install_seconds is not None:
+        times["install"] = round(args.install_seconds, 1)
+    times["measured"] = (f"{datetime.date.today().isoformat()}, {os.cpu_count()} CPU cores, "
+                         f"`{' '.join(['dvc', 'repro', *args.dvc_args])}` in a fresh clone")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(times, indent=2) + "\n")
+    print(f"repro_times: {len(times) - 2} stages in {times['total']:.0f} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
