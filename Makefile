@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup dataset weights repro test bench ablation seeds decoders clean
+.PHONY: setup dataset weights plots-template plots plots-diff repro test test-fast bench ablation seeds clean report
 
 # Re-installs only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -38,13 +38,27 @@ weights: $(VENV)/.installed
 	@$(PY) -c "from digit.weights import package_weights_path; print('encoder weights:', package_weights_path())"
 	@$(PY) -c "from digit.weights import offline_weights_path; print('FID Inception weights:', offline_weights_path())"
 
-setup: $(VENV)/.installed dataset weights
+# The offline page template of `dvc plots show|diff` (.dvc/config: plots.html_template = plots-template.html):
+# vega, vega-lite and vega-embed inline, from vl-convert-python's bundle (digit/plots.py); never committed.
+plots-template: $(VENV)/.installed
+	@$(PY) -m digit.plots template
+
+setup: $(VENV)/.installed dataset weights plots-template
 
 repro: setup
 	dvc repro
 
 test: setup
 	$(PY) -m pytest -q
+
+# The unit tests only (no `dvc repro`, no stage run end to end): about a minute.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+# The generated tables of README.md and docs/*.md, from reports/*.json (digit/report.py);
+# `python -m digit.report --check` compares without writing (tests/test_report.py runs it).
+report: $(VENV)/.installed
+	$(PY) -m digit.report
 
 bench: setup
 	$(PY) bench/extract.py
@@ -55,18 +69,13 @@ bench: setup
 	$(PY) bench/scale.py
 	$(PY) bench/render.py
 
-# The tokenizer ablation (README "Tokenizer ablation"): the default arm is the workspace run,
-# the others are queued experiments with the same GPT/decoder budget and seeds, run one at a time.
-# abl-vq is the paper's baseline: the same GPT on the VQGAN's tokens, rendered by the VQGAN decoder.
+# The tokenizer ablation: the default arm (DiGIT beside VQ tokens, every renderer) is the workspace
+# run; the controls are queued experiments with the same GPT/decoder budget and seeds, run one at a time.
 ABLATION_ARMS := \
 	"abl-pixels -S encoder.name=pixels -S encoder.weights=none" \
-	"abl-random -S encoder.weights=none" \
-	"abl-vq -S tokenizer.kind=vq"
-# The spread over base.seed (0 is the workspace run / abl-vq) of the DiGIT-token and the VQ-token GPT.
-SEED_ARMS := "seed-1 -S base.seed=1" "seed-2 -S base.seed=2" \
-	"vq-seed-1 -S tokenizer.kind=vq -S base.seed=1" "vq-seed-2 -S tokenizer.kind=vq -S base.seed=2"
-# The same DiGIT-token samples rendered by stage 2 (README "Stage-2 decoders"); direct is the workspace run.
-DECODER_ARMS := "dec-stage2-ar -S decoder.kind=stage2_ar" "dec-stage2-nar -S decoder.kind=stage2_nar"
+	"abl-random -S encoder.weights=none"
+# The spread over base.seed (0 is the workspace run); each arm has both GPTs (DiGIT and VQ tokens).
+SEED_ARMS := "seed-1 -S base.seed=1" "seed-2 -S base.seed=2"
 SHOW := dvc exp show --only-changed --md --drop 'k_sweep|rows|.*snr(30|25|15|5|1|0p01)|cosine.*|realised.*|seconds.*'
 
 # $(call run_arms,ARMS): the workspace run, then each "NAME -S ..." arm queued and run one at a time.
@@ -86,8 +95,12 @@ ablation: setup
 seeds: setup
 	$(call run_arms,$(SEED_ARMS))
 
-decoders: setup
-	$(call run_arms,$(DECODER_ARMS))
+# The plots page, drawn offline: dvc_plots/index.html (its path is printed last).
+plots: setup
+	@$(PY) -m digit.plots show
+# The same for `dvc plots diff`: make plots-diff REV="HEAD~1" (no REV: HEAD against the workspace).
+plots-diff: setup
+	@$(PY) -m digit.plots diff $(REV)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
