@@ -2,7 +2,7 @@
 
     python -m digit.inspect data/tokens/train.parquet
     python -m digit.inspect data/tokens/val.parquet --key val_0000012 --out token_map.png
-    python -m digit.inspect data/samples/tokens.parquet --key sample_0000003 --out sample.png
+    python -m digit.inspect data/samples/digit/tokens.parquet --key sample_0000003 --samples data/renders/direct --out sample.png
 
 Prints rows, grid, vocabulary, codebook usage, unigram perplexity and the
 most frequent codes. With --key, draws the image, its token map (each code a
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--key")
     parser.add_argument("--out", default="token_map.png")
     parser.add_argument("--images", default="data/images", help="image shards (for real tokens)")
-    parser.add_argument("--samples", default="data/samples/images", help="decoded samples (for generated tokens)")
+    parser.add_argument("--samples", default="data/renders/direct", help="rendered samples (for generated tokens): data/renders/<renderer>")
     parser.add_argument("--members", default="data/tokens/train.parquet",
                         help="real token file whose images give example patches per code")
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Token grids -> pixels, one interface for every way the pipeline renders them.
 
-    vqgan       VQ tokens (tokenizer.kind: vq)        -> VQGAN decoder
+    vqgan       VQ tokens (train@vq samples)          -> VQGAN decoder
     direct      DiGIT tokens                          -> digit.decoder.TokenDecoder
     stage2_ar   DiGIT tokens -> Stage2AR  -> VQ tokens -> VQGAN decoder   (paper: "DiGIT + VQGAN")
     stage2_nar  DiGIT tokens -> Stage2NAR -> VQ tokens -> VQGAN decoder   (paper: "DiGIT + MaskGIT")

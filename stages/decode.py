@@ -2,7 +2,7 @@
 
 dvc.yaml runs it per renderer (`decode@direct`, `decode@stage2_ar`, `decode@vqgan`): a GPT's
 samples (data/samples/<tokenizer>/tokens.parquet) are rendered by digit.render into
-data/samples/<renderer>/images/<key>_c<label>.png: DiGIT tokens by the direct decoder or
+data/renders/<renderer>/<key>_c<label>.png: DiGIT tokens by the direct decoder or
 through a stage-2 model into VQ tokens and its VQGAN; VQ tokens by the VQGAN. The images are
 listed with label and class name in manifest.json, which also records how the tokens were
 sampled and rendered; the rendering time per image goes to the --report JSON (kept out of the
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--tokens", default="data/samples/digit/tokens.parquet")
     parser.add_argument("--renderer", default="direct", choices=KINDS)
     parser.add_argument("--model", default="models/decoder", help="the renderer's folder")
-    parser.add_argument("--out", default="data/samples/direct/images")
+    parser.add_argument("--out", default="data/renders/direct")
     parser.add_argument("--grid", default="reports/samples/direct.png")
     parser.add_argument("--live", default="reports/decode/direct")
     parser.add_argument("--report", default="reports/decode/direct.json", help="renderer and time per image")

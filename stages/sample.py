@@ -1,4 +1,4 @@
-"""Stage `sample`: GPT -> generated token grids in data/samples/tokens.parquet.
+"""Stage `sample`: GPT -> generated token grids in data/samples/<tokenizer>/tokens.parquet.
 
 KV-cache generation (prefill + per-token decode), uniform class labels
 (sample.num_per_class of each class). Batch b always covers the same

@@ -114,7 +114,9 @@ def tiny_repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def full_repo(tiny_repo, tmp_path_factory) -> Path:
-    """The tiny project after `dvc repro` of the whole DAG (TINY + TINY_DAG), about a minute."""
+    """The tiny project after `dvc repro` of the whole DAG (TINY + TINY_DAG): both GPTs (train/sample/probe
+    @digit and @vq), the decoder, the VQGAN, stage 2 (@ar), every renderer decoded and scored, stability and
+    evaluate; a few minutes on 2 CPU cores."""
     repo = tmp_path_factory.mktemp("full") / "repo"
     sh(f"cp -a {tiny_repo} {repo}", repo.parent)
     update_params(repo / "params.yaml", TINY_DAG)

@@ -260,3 +260,25 @@ def test_dvc_stages_expands_foreach_and_matrix(tmp_path):
     assert stages["train@vq"].cmd == "accelerate launch --multi_gpu -m stages.train --kind vq --out models/vq"
     assert stages["train@vq"].deps == ("stages/train.py", "data/vq")
     assert stages["grid@16"].deps == ("stages/codebook.py",)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["digit/gan.py", "digit/trainer.py", "digit/fid.py", "digit/params.py"])
+def test_editing_a_module_makes_dvc_status_name_exactly_its_importers(full_repo, tmp_path, module):
+    """After a full `dvc repro`, an edit to one module: `dvc status` reports exactly the stages whose code
+    (digit.code.import_closure of their entry modules) includes it, and no others."""
+    import json
+
+    from conftest import dvc, sh
+
+    repo = tmp_path / "repo"
+    sh(f"cp -a {full_repo} {repo}", tmp_path)
+    with open(repo / module, "a") as fh:
+        fh.write("\n# an edit\n")
+    status = json.loads(dvc("status --json", repo).stdout or "{}")
+    reported = {name for name, changes in status.items()
+                if any(isinstance(c, dict) and module in c.get("changed deps", {}) for c in changes)}
+    importers = {stage.name for stage in dvc_stages(repo)
+                 if any(rel(f, repo.resolve()) == module for f in import_closure(entry_modules(stage.cmd, repo), repo))}
+    assert importers, f"no stage imports {module}"
+    assert reported == importers, f"dvc status names {sorted(reported)}, the stages importing {module} are {sorted(importers)}"

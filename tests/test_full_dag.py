@@ -4,47 +4,114 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import dvc, expect_error, needs_fmnist, sh, update_params
 from digit.decoder import DecoderConfig, TokenDecoder, save_decoder
 from digit.fid import load_features, save_features
+from helpers import dvc_stages, kill_after_checkpoint, stage_cmd, stages_ran
 
 pytestmark = [needs_fmnist, pytest.mark.slow]
 
+# Every stage of the DAG, foreach items expanded (what `dvc repro` runs from scratch).
+STAGES = {"prepare", "extract", "codebook", "tokenize", "reference", "train_vqgan", "vq_tokenize",
+          "train@digit", "train@vq", "sample@digit", "sample@vq", "probe@digit", "probe@vq", "train_decoder",
+          "train_stage2@ar", "decode@direct", "decode@stage2_ar", "decode@vqgan", "score@direct",
+          "score@stage2_ar", "score@vqgan", "stability", "evaluate"}
+RENDERERS = {"direct": "digit", "stage2_ar": "digit", "vqgan": "vq"}  # renderer -> the GPT whose samples it renders
+
+
+# ---------------------------------------------------------------- the DAG's structure, as DVC resolves it
+
+def param_readers(repo: Path, key: str) -> set[str]:
+    """The stages that list params key `key` (e.g. "vqgan.lr") in dvc.yaml."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        return {stage.name for stage in dvc_repo.index.stages
+                if any(isinstance(dep, ParamsDependency) and key in dep.params for dep in stage.deps)}
+
+
+def dependents(repo: Path, names: set[str]) -> tuple[set[str], set[str]]:
+    """(stages with a dep on an output of `names`, every stage downstream of `names`), from DVC's own graph."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        graph = dvc_repo.index.graph  # edges run from a stage to the stages it depends on
+        by_name = {stage.name: stage for stage in graph}
+        direct = {s.name for name in names for s in graph.predecessors(by_name[name])}
+        downstream = {s.name for name in names for s in nx.ancestors(graph, by_name[name])}
+    return direct, downstream
+
+
+def lock_inputs(repo: Path) -> dict[str, str]:
+    """Per stage in dvc.lock, what it ran on: its command, deps' hashes and params values."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    return {name: json.dumps([entry.get("cmd"), entry.get("deps"), entry.get("params")], sort_keys=True)
+            for name, entry in lock.items()}
+
+
+def repro_after_param_change(repo: Path, changes: dict) -> tuple[set[str], set[str], set[str], set[str]]:
+    """Change params, `dvc repro`; returns (stages run, stages taken from DVC's run cache, readers of the changed
+    keys with their direct dependents: what must re-run when the readers' outputs change, every stage the
+    change can reach)."""
+    keys = {f"{section}.{key}" for section, values in changes.items() for key in values}
+    readers = set().union(*(param_readers(repo, key) for key in keys))
+    assert readers, keys
+    direct, downstream = dependents(repo, readers)
+    before = lock_inputs(repo)
+    update_params(repo / "params.yaml", changes)
+    out = dvc("repro", repo).stdout
+    after = lock_inputs(repo)
+    ran = stages_ran(out)
+    restored = set(re.findall(r"Stage '([^']+)' is cached - skipping run", out))
+    changed = {name for name in after if after[name] != before.get(name)}
+    # DVC re-made exactly the stages whose recorded inputs changed (a stage whose upstream outputs came
+    # out byte-identical is skipped), each once, and only stages the change can reach.
+    assert not ran & restored and ran | restored == changed, out
+    assert changed <= readers | downstream, out
+    assert dvc("status", repo).stdout.strip().endswith("up to date."), out
+    return ran, restored, readers | direct, readers | downstream
+
+
+# ---------------------------------------------------------------- tests
 
 def test_every_stage_ran_and_is_up_to_date(full_repo):
     status = dvc("status", full_repo).stdout
     assert "up to date" in status, status
-    lock = (full_repo / "dvc.lock").read_text()
-    for stage in ("prepare", "extract", "codebook", "tokenize", "train", "sample", "probe", "reference",
-                  "train_decoder", "decode", "evaluate", "stability", "train_vqgan", "vq_tokenize"):
-        assert f"  {stage}:" in lock, stage
+    assert {s.name for s in dvc_stages(full_repo)} == STAGES
+    lock = yaml.safe_load((full_repo / "dvc.lock").read_text())["stages"]
+    assert set(lock) == STAGES, sorted(set(lock) ^ STAGES)
 
 
 def test_decode_writes_pngs_manifest_and_class_grid(full_repo):
-    out = full_repo / "data" / "samples" / "images"
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["count"] == 20 and manifest["sampling"]["num_per_class"] == 2
-    files = sorted(p.name for p in out.glob("*.png"))
-    assert files == sorted(e["file"] for e in manifest["images"]) and len(files) == 20
-    assert all(f"_c{e['label']}.png" in e["file"] for e in manifest["images"])
-    with Image.open(out / files[0]) as img:
-        assert img.size == (28, 28) and img.mode == "RGB"
-    with Image.open(full_repo / "reports" / "samples.png") as grid:
-        assert grid.size[1] == 10 * (28 * 2 + 2) + 2  # one row per class
-    assert (full_repo / "reports" / "decode" / "plots" / "images" / "samples.png").is_file()
+    for renderer, gpt in RENDERERS.items():
+        out = full_repo / "data" / "renders" / renderer
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["count"] == 20 and manifest["sampling"]["num_per_class"] == 2
+        assert manifest["renderer"] == renderer
+        assert manifest["tokenizer"] == ("vq" if gpt == "vq" else "discriminative")
+        files = sorted(p.name for p in out.glob("*.png"))
+        assert files == sorted(e["file"] for e in manifest["images"]) and len(files) == 20
+        assert all(f"_c{e['label']}.png" in e["file"] for e in manifest["images"])
+        with Image.open(out / files[0]) as img:
+            assert img.size == (28, 28) and img.mode == "RGB"
+        with Image.open(full_repo / "reports" / "samples" / f"{renderer}.png") as grid:
+            assert grid.size[1] == 10 * (28 * 2 + 2) + 2  # one row per class
+        assert (full_repo / "reports" / "decode" / renderer / "plots" / "images" / "samples.png").is_file()
+        report = json.loads((full_repo / "reports" / "decode" / f"{renderer}.json").read_text())
+        assert report["renderer"] == renderer and report["images"] == 20 and report["seconds_per_image"] > 0
 
 
 def test_reports_hold_the_headline_numbers(full_repo):
@@ -52,55 +119,73 @@ def test_reports_hold_the_headline_numbers(full_repo):
     assert decoder["images"] == 20 and decoder["reference_size"] == 30
     assert 0 < decoder["psnr"] < 100 and -1 <= decoder["ssim"] <= 1 and decoder["rfid"] > 0
     metrics = json.loads((full_repo / "reports" / "metrics.json").read_text())
-    for key in ("fid", "fid_floor", "kid_mean", "kid_std", "train_loss", "val_loss", "probe_top1",
-                "decoder_psnr", "decoder_rfid"):
+    for tok in ("digit", "vq"):
+        for key in ("fid", "kid", "val_loss", "val_token_acc", "train_loss", "probe_top1", "change_rate", "cosine"):
+            assert isinstance(metrics[tok][key], float) and math.isfinite(metrics[tok][key]), (tok, key)
+        assert metrics[tok]["fid"] > 0
+    for renderer in RENDERERS:
+        for key in ("fid", "kid", "ceiling_rfid", "ceiling_psnr", "ceiling_ssim"):
+            value = metrics["render"][renderer][key]
+            assert isinstance(value, float) and math.isfinite(value), (renderer, key)
+        score = json.loads((full_repo / "reports" / "score" / f"{renderer}.json").read_text())
+        assert metrics["render"][renderer]["fid"] == score["fid"] > 0
+        assert score["isc_mean"] is None and "no classifier" in score["isc_unavailable"]
+    for key in ("fid_floor", "kid_floor"):
         assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
     assert metrics["num_samples"] == 20 and metrics["num_reference"] == 30
-    assert metrics["isc_mean"] is None and "no classifier" in metrics["isc_unavailable"]
-    assert metrics["fid"] > 0 and metrics["fid_floor"] > 0
-    assert metrics["decoder_rfid"] == decoder["rfid"]
+    assert "isc_mean" not in metrics and "no classifier" in metrics["isc_unavailable"]
+    assert metrics["fid_floor"] > 0 and metrics["stability_snr_db"] == 20.0
+    assert metrics["render"]["direct"]["ceiling_rfid"] == decoder["rfid"]
+    assert metrics["digit"]["fid"] == metrics["render"]["direct"]["fid"]  # each GPT's headline renderer
+    assert metrics["vq"]["fid"] == metrics["render"]["vqgan"]["fid"]
     reference = np.load(full_repo / "data" / "reference" / "train.npz")
     assert reference["pool"].shape == (20, 2048) and np.bincount(reference["labels"]).tolist() == [2] * 10
 
 
-def test_dvc_exp_show_lists_fid(full_repo):
-    sh("git add -A && git commit -qm tiny", full_repo)
-    rows = json.loads(dvc("exp show --json", full_repo).stdout)
+def test_dvc_exp_show_lists_fid(full_repo, tmp_path):
+    repo = tmp_path / "repo"
+    sh(f"cp -a {full_repo} {repo}", tmp_path)
+    sh("git add -A && git commit -qm tiny", repo)
+    rows = json.loads(dvc("exp show --json", repo).stdout)
     metrics = rows[0]["data"]["metrics"]["reports/metrics.json"]["data"]
-    assert isinstance(metrics["fid"], float) and isinstance(metrics["fid_floor"], float)
-    assert "no classifier" in metrics["isc_unavailable"]  # (dvc drops the null isc_mean from its table)
+    assert isinstance(metrics["digit"]["fid"], float) and isinstance(metrics["vq"]["fid"], float)
+    assert isinstance(metrics["render"]["stage2_ar"]["fid"], float) and isinstance(metrics["fid_floor"], float)
+    assert "no classifier" in metrics["isc_unavailable"]
 
 
 def test_changing_the_decoder_reruns_only_its_descendants(full_repo, tmp_path):
     repo = tmp_path / "repo"
     sh(f"cp -a {full_repo} {repo}", tmp_path)
-    update_params(repo / "params.yaml", {"decoder": {"max_steps": 11}})
-    out = dvc("repro", repo).stdout
-    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train_decoder", "decode", "evaluate"}, out
-    update_params(repo / "params.yaml", {"decoder": {"max_steps": 10}, "sample": {"seed": 1}})
-    out = dvc("repro", repo).stdout
-    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"sample", "decode", "evaluate"}, out  # the real images' Inception features stay cached
+    ran, restored, _, reachable = repro_after_param_change(repo, {"decoder": {"max_steps": 11}})
+    assert ran == reachable == {"train_decoder", "decode@direct", "score@direct", "evaluate"} and not restored
+    ran, restored, _, _ = repro_after_param_change(repo, {"decoder": {"max_steps": 10}, "sample": {"seed": 1}})
+    # train_decoder comes back from DVC's run cache; the real images' Inception features stay cached.
+    assert restored == {"train_decoder"}, restored
+    assert ran == {"sample@digit", "sample@vq", "decode@direct", "decode@stage2_ar", "decode@vqgan",
+                   "score@direct", "score@stage2_ar", "score@vqgan", "evaluate"}, ran
+
+
+def params_file(repo: Path, params: dict | None) -> list[str]:
+    """`--params` args for a copy of repo's params.yaml with `params` changed (none when params is None)."""
+    if not params:
+        return []
+    path = repo / "params-test.yaml"
+    path.write_text((repo / "params.yaml").read_text())
+    update_params(path, params)
+    return ["--params", str(path)]
 
 
 def stage(repo, name: str, *args: str, params: dict | None = None):
     """Run one stage in `repo` (optionally with changed params in a separate file)."""
-    extra = []
-    if params:
-        path = repo / "params-test.yaml"
-        path.write_text((repo / "params.yaml").read_text())
-        update_params(path, params)
-        extra = ["--params", str(path)]
-    return sh([sys.executable, "-m", f"stages.{name}", *args, *extra], repo, check=False,
-              env={"PYTHONPATH": str(repo)})
+    return sh(stage_cmd(name, *args, *params_file(repo, params)), repo, check=False, env={"PYTHONPATH": str(repo)})
 
 
 def test_bad_inputs_of_the_pixel_stages_fail_early_and_clearly(full_repo, tmp_path):
-    proc = stage(full_repo, "evaluate", "--live", str(tmp_path / "live"),
+    score_out = ["--samples", "data/renders/direct", "--report", str(tmp_path / "score.json")]
+    proc = stage(full_repo, "score", *score_out,
                  params={"evaluate": {"inception_weights": str(tmp_path / "missing.pth")}})
     expect_error(proc, "evaluate.inception_weights=", "no such file")
-    assert not (tmp_path / "live").exists()
+    assert not (tmp_path / "score.json").exists()
 
     pool = load_features(full_repo / "data" / "reference" / "train.npz")
     keep = np.concatenate([np.flatnonzero(pool["labels"] == c)[:1] for c in range(10)])
@@ -108,15 +193,17 @@ def test_bad_inputs_of_the_pixel_stages_fail_early_and_clearly(full_repo, tmp_pa
     small.mkdir()
     save_features(small / "train.npz", {k: (v[keep] if v is not None else None) for k, v in pool.items()})
     shutil.copy(full_repo / "data" / "reference" / "val.npz", small / "val.npz")
-    proc = stage(full_repo, "evaluate", "--reference", str(small), "--live", str(tmp_path / "live"))
+    proc = stage(full_repo, "score", *score_out, "--reference", str(small))
     expect_error(proc, "evaluate.floor_pool", "has 1 images of class 0 but the samples have 2")
+    assert not (tmp_path / "score.json").exists()
 
     other = TokenDecoder(DecoderConfig(vocab_size=16, code_dim=8, grid=(7, 7), image_size=28, width=32, n_attn=0))
     save_decoder(other, {"grid": [7, 7], "vocab_size": 16}, tmp_path / "decoder")
-    proc = stage(full_repo, "decode", "--decoder", str(tmp_path / "decoder"), "--out", str(tmp_path / "png"),
-                 "--grid", str(tmp_path / "grid.png"), "--live", str(tmp_path / "live"))
+    proc = stage(full_repo, "decode", "--renderer", "direct", "--model", str(tmp_path / "decoder"),
+                 "--out", str(tmp_path / "png"), "--grid", str(tmp_path / "grid.png"),
+                 "--live", str(tmp_path / "live"), "--report", str(tmp_path / "decode.json"))
     expect_error(proc, "trained for 16 codes but the tokens have 32", "dvc repro train_decoder")
-    assert not (tmp_path / "png").exists() and not (tmp_path / "grid.png").exists()
+    assert not any((tmp_path / name).exists() for name in ("png", "grid.png", "live", "decode.json"))
 
     proc = stage(full_repo, "train_decoder", "--out", str(tmp_path / "dec"), "--report", str(tmp_path / "r.json"),
                  "--live", str(tmp_path / "live"), "--checkpoints", str(tmp_path / "ck"),
@@ -162,7 +249,7 @@ def test_bad_vqgan_settings_fail_before_training(full_repo, tmp_path):
     assert not (tmp_path / "vq").exists() and not (tmp_path / "live").exists()
     proc = stage(full_repo, "vq_tokenize", "--vqgan", str(tmp_path / "nothing"), "--out", str(tmp_path / "t"),
                  "--report", str(tmp_path / "t.json"))
-    expect_error(proc, "not a complete VQGAN output")
+    expect_error(proc, "is not a complete `train_vqgan` output", "dvc repro train_vqgan")
     assert not (tmp_path / "t").exists()
 
 
@@ -172,25 +259,15 @@ def test_killed_decoder_training_resumes_to_the_same_weights(full_repo, tmp_path
     sh(f"cp -a {full_repo} {repo}", tmp_path)
     params = {"decoder": {"max_steps": 24, "checkpoint_every": 8, "adv_start": 6, "eval_every": 8}}
     args = ("--out", "dec", "--report", "dec.json", "--live", "live", "--checkpoints", "ck")
-    stage(repo, "train_decoder", *args, params=params)
+    assert stage(repo, "train_decoder", *args, params=params).returncode == 0
     reference = load_file(str(repo / "dec" / "model.safetensors"))
     report = json.loads((repo / "dec.json").read_text())
     shutil.rmtree(repo / "dec")
 
-    path = repo / "params-test.yaml"
-    proc = subprocess.Popen([sys.executable, "-m", "stages.train_decoder", *args, "--params", str(path)], cwd=repo,
-                            env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list((repo / "ck").glob("*/step_00000016")) and time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail("decoder training finished before it could be killed; make the run longer")
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    cmd = stage_cmd("train_decoder", *args, "--params", str(repo / "params-test.yaml"))
+    kill_after_checkpoint(cmd, repo, repo / "ck", 16, env={"PYTHONPATH": str(repo)})
     assert not (repo / "dec").exists()
-    out = sh([sys.executable, "-m", "stages.train_decoder", *args, "--params", str(path)], repo,
-             env={"PYTHONPATH": str(repo)})
+    out = sh(cmd, repo, env={"PYTHONPATH": str(repo)})
     assert "resumed from" in out.stdout + out.stderr
     resumed = load_file(str(repo / "dec" / "model.safetensors"))
     for name, tensor in reference.items():  # exact on CPU: same batches, RNG and optimizer states

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +15,9 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, TINY, _merge, expect_error, sh, update_params
 from digit.tokens import TokenWriter, token_schema
+from helpers import kill_after_checkpoint, stage_cmd, torchrun
+
+pytestmark = pytest.mark.slow  # every test runs a stage end to end
 
 K, GRID, CLASSES = 32, (4, 4), 4
 TINY_GPT = {
@@ -52,23 +51,14 @@ def work(tmp_path) -> Path:
     return tmp_path
 
 
+ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
 def stage(name: str, work: Path, *args: str, launcher: list[str] | None = None, check: bool = True):
-    cmd = [*(launcher or [sys.executable, "-m"]), f"stages.{name}", *args]
-    return sh(cmd, work, check=check, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=300)
+    return sh(stage_cmd(name, *args, launcher=launcher), work, check=check, env=ENV, timeout=300)
 
 
 TRAIN_ARGS = ("--tokens", "data/tokens", "--out", "models/gpt", "--live", "reports/train", "--checkpoints", "ck")
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun() -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), "-m"]
 
 
 def weights(work: Path) -> dict:
@@ -87,6 +77,8 @@ def test_train_logs_metrics_and_beats_unigram(work):
     assert list(val_tsv["step"]) == [4, 8, 12]
     config = json.loads((work / "models" / "gpt" / "config.json").read_text())
     assert config["vocab_size"] == K and config["block_size"] == 17 and config["num_classes"] == CLASSES
+    meta = json.loads((work / "models" / "gpt" / "meta.json").read_text())  # the tokens the GPT learned
+    assert meta["grid"] == list(GRID) and meta["vocab_size"] == K and len(meta["classes"]) == CLASSES
     assert not any((work / "ck").iterdir())  # finished: checkpoints removed
 
 
@@ -99,16 +91,7 @@ def test_killed_run_resumes_to_the_same_weights(work, tmp_path_factory):
     for rel in ("data", "params.yaml"):
         sh(f"cp -a {work / rel} {other / rel}", other)
     update_params(other / "params.yaml", {"gpt": {"max_steps": 12}})
-    proc = subprocess.Popen([sys.executable, "-m", "stages.train", *TRAIN_ARGS], cwd=other,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list((other / "ck").glob("*/step_00000008")) and time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail("training finished before it could be killed; make the run longer")
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(stage_cmd("train", *TRAIN_ARGS), other, other / "ck", 8, env=ENV)
     assert not (other / "models" / "gpt").exists()
     out = stage("train", other, *TRAIN_ARGS)
     assert "resumed from" in out.stdout + out.stderr
@@ -121,9 +104,39 @@ def test_killed_run_resumes_to_the_same_weights(work, tmp_path_factory):
     assert list(loss_tsv["step"]) == list(range(1, 13))  # the curve before the kill survived
 
 
+# AdamW's decoupled weight decay multiplies the matrices by (1 - lr * weight_decay) = -999999 each step:
+# the weights blow up and the loss is NaN after a few steps (step 3 on CPU), a real divergence.
+DIVERGE = {"lr": 1.0, "weight_decay": 1e6, "warmup_steps": 0, "grad_clip": 0.0, "precision": "no", "max_steps": 40}
+
+
+@pytest.mark.parametrize("checkpoint_every", [2, 40])
+def test_training_stops_at_the_first_non_finite_loss_and_publishes_nothing(work, checkpoint_every):
+    update_params(work / "params.yaml", {"gpt": {**DIVERGE, "checkpoint_every": checkpoint_every}})
+    proc = stage("train", work, *TRAIN_ARGS, "--name", "train_digit", check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    found = re.search(r"error: train_digit: non-finite train/loss = (nan|inf|-inf) at step (\d+); "
+                      r"stopped, nothing published; (.*)", proc.stderr)
+    assert found, proc.stderr
+    step = int(found.group(2))
+    assert 1 < step < DIVERGE["max_steps"]
+    # The curve holds every step before the bad one, each finite; the bad step is never logged.
+    loss = pd.read_csv(work / "reports" / "train" / "plots" / "metrics" / "train" / "loss.tsv", sep="\t")
+    assert list(loss["step"]) == list(range(1, step)) and np.isfinite(loss["loss"]).all()
+    saved = sorted((work / "ck").glob("train_digit-*/step_*"))
+    if checkpoint_every < step:  # the message names the newest checkpoint, which is kept for a resume
+        last = (step - 1) // checkpoint_every * checkpoint_every
+        assert saved and saved[-1].name == f"step_{last:08d}"
+        assert f"the last good checkpoint is {Path('ck') / saved[-1].relative_to(work / 'ck')} (step {last})" \
+            in found.group(3), proc.stderr
+    else:
+        assert not saved and "no checkpoint was written before it" in found.group(3), proc.stderr
+    assert not (work / "models").exists()  # nothing published, not even a temporary folder
+
+
 def test_two_process_training_runs_and_loss_goes_down(work):
     update_params(work / "params.yaml", {"gpt": {"max_steps": 20, "batch_size": 8}})
-    stage("train", work, *TRAIN_ARGS, launcher=torchrun())
+    stage("train", work, *TRAIN_ARGS, launcher=torchrun(2))
     loss = pd.read_csv(work / "reports" / "train" / "plots" / "metrics" / "train" / "loss.tsv", sep="\t")["loss"]
     assert loss.iloc[-3:].mean() < loss.iloc[:3].mean() - 0.3
 
@@ -131,7 +144,7 @@ def test_two_process_training_runs_and_loss_goes_down(work):
 def test_sample_one_and_two_processes_give_the_same_complete_set(work):
     stage("train", work, *TRAIN_ARGS)
     stage("sample", work, "--model", "models/gpt", "--out", "s1.parquet")
-    stage("sample", work, "--model", "models/gpt", "--out", "s2.parquet", launcher=torchrun())
+    stage("sample", work, "--model", "models/gpt", "--out", "s2.parquet", launcher=torchrun(2))
     one, two = pd.read_parquet(work / "s1.parquet"), pd.read_parquet(work / "s2.parquet")
     assert len(two) == 5 * CLASSES and two["key"].is_unique
     assert sorted(two["label"].value_counts().tolist()) == [5] * CLASSES

@@ -14,6 +14,7 @@ import pytest
 from conftest import dvc, needs_fmnist, sh, update_params
 from digit.shards import iter_samples, read_manifest, shard_urls
 from digit.tokens import read_tokens
+from helpers import stage_cmd, stages_ran
 
 pytestmark = [needs_fmnist, pytest.mark.slow]
 
@@ -53,23 +54,21 @@ def test_changing_k_reruns_exactly_codebook_and_tokenize(tiny_repo, tmp_path):
     status = dvc("status", repo).stdout
     assert "codebook:" in status and "prepare:" not in status and "extract:" not in status
     out = dvc("repro tokenize", repo).stdout
-    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"codebook", "tokenize"}
+    assert stages_ran(out) == {"codebook", "tokenize"}, out
     assert "Stage 'prepare' didn't change" in out and "Stage 'extract' didn't change" in out
     tokens, *_ = read_tokens(repo / "data" / "tokens" / "train.parquet")
     assert tokens.max() < 16
     # A later stage's key changes nothing upstream.
     update_params(repo / "params.yaml", {"tokenize": {"row_group_size": 32}})
     out = dvc("repro tokenize", repo).stdout
-    assert {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")} == {"tokenize"}
+    assert stages_ran(out) == {"tokenize"}, out
 
 
 def run_codebook_and_tokenize(repo, tag: str, seed: int):
     update_params(repo / "params.yaml", {"codebook": {"seed": seed}})
-    py = sys.executable
     env = {"PYTHONPATH": str(repo)}
-    sh([py, "-m", "stages.codebook", "--out", f"cb-{tag}", "--report", f"cb-{tag}.json"], repo, env=env)
-    sh([py, "-m", "stages.tokenize", "--codebook", f"cb-{tag}", "--out", f"tok-{tag}", "--report", f"tok-{tag}.json"],
+    sh(stage_cmd("codebook", "--out", f"cb-{tag}", "--report", f"cb-{tag}.json"), repo, env=env)
+    sh(stage_cmd("tokenize", "--codebook", f"cb-{tag}", "--out", f"tok-{tag}", "--report", f"tok-{tag}.json"),
        repo, env=env)
     return np.load(repo / f"cb-{tag}" / "centroids.npy"), read_tokens(repo / f"tok-{tag}" / "train.parquet")[0]
 
@@ -89,9 +88,10 @@ def test_same_seed_same_tokens_other_seed_other_codebook(tiny_repo, tmp_path):
 def test_two_process_extract_matches_one_process(tiny_repo, tmp_path):
     repo = tmp_path / "repo"
     sh(f"cp -a {tiny_repo} {repo}", tmp_path)
-    sh([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "stages.extract", "--out", "features2", "--report", "extract2.json"], repo, env={"PYTHONPATH": str(repo)})
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
+    sh(stage_cmd("extract", "--out", "features2", "--report", "extract2.json", launcher=accelerate), repo,
+       env={"PYTHONPATH": str(repo)})
     assert json.loads((repo / "extract2.json").read_text())["processes"] == 2
     for split in ("train", "val"):
         one = {s["__key__"]: s["npy"] for s in iter_samples(shard_urls(repo / "data" / "features", split))}

@@ -1,23 +1,22 @@
-"""tokenizer.kind and decoder.kind on the tiny DAG: what re-runs, what renders, and bad input."""
+"""Both GPTs and every renderer on the tiny DAG: what one repro makes, what a change re-runs, stage 2's bad
+input, and its checkpoints."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import dvc, expect_error, needs_fmnist, sh, update_params
+from conftest import expect_error, needs_fmnist, sh
 from digit.stage2 import Stage2Config, build_stage2, save_stage2
-from digit.tokens import TokenWriter, read_tokens, token_schema
-from test_full_dag import stage
+from digit.tokens import TokenWriter, read_metadata, read_tokens, token_schema
+from helpers import kill_after_checkpoint, stage_cmd
+from test_full_dag import RENDERERS, params_file, repro_after_param_change, stage
 
 pytestmark = [needs_fmnist, pytest.mark.slow]
 
@@ -28,93 +27,105 @@ def copy_repo(full_repo, tmp_path):
     return repo
 
 
-def repro(repo) -> set[str]:
-    out = dvc("repro", repo).stdout
-    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-
-
 def read_json(path):
     return json.loads(path.read_text())
 
 
-def test_stage2_reports_and_every_path_in_the_metrics(full_repo):
-    for kind in ("ar", "nar"):
-        report = read_json(full_repo / "reports" / f"stage2_{kind}.json")
-        assert report["kind"] == f"stage2_{kind}" and report["images"] == 20 and report["steps"] == 6
-        assert 0 < report["psnr"] < 100 and 0 < report["ssim"] < 1 and report["rfid"] > 0
-        assert 0 <= report["vq_token_accuracy"] <= 1 and report["seconds_per_image"] > 0
-        live = read_json(full_repo / "reports" / f"stage2_{kind}" / "metrics.json")
-        assert live["step"] == 6 and np.isfinite(live["val"]["loss"]) and 0 <= live["val"]["token_accuracy"] <= 1
-    assert report["sampling"] == {"temperature": 1.0, "steps": 8}
+def test_one_repro_reports_stage2_and_every_path_in_the_metrics(full_repo):
+    report = read_json(full_repo / "reports" / "stage2_ar.json")
+    assert report["kind"] == "stage2_ar" and report["images"] == 20 and report["steps"] == 6
+    assert 0 < report["psnr"] < 100 and 0 < report["ssim"] < 1 and report["rfid"] > 0
+    assert 0 <= report["vq_token_accuracy"] <= 1 and report["seconds_per_image"] > 0
+    assert report["sampling"] == {"temperature": 1.0, "top_p": 0.8}
+    live = read_json(full_repo / "reports" / "stage2_ar" / "metrics.json")
+    assert live["step"] == 6 and np.isfinite(live["val"]["loss"]) and 0 <= live["val"]["token_accuracy"] <= 1
+    assert (full_repo / "models" / "stage2_ar" / "vqgan" / "model.safetensors").is_file()  # a whole renderer
+
     metrics = read_json(full_repo / "reports" / "metrics.json")
-    assert metrics["tokenizer_kind"] == "discriminative" and metrics["decoder_kind"] == "direct"
-    assert metrics["decoder_rfid"] == read_json(full_repo / "reports" / "decoder.json")["rfid"]
-    sources = {"direct": "decoder.json", "vqgan": "vqgan.json", "stage2_ar": "stage2_ar.json",
-               "stage2_nar": "stage2_nar.json"}
-    for kind, name in sources.items():
-        assert metrics["rec"][kind]["rfid"] == read_json(full_repo / "reports" / name)["rfid"]
-    assert set(metrics["rec"]["stage2_ar"]) == {"psnr", "ssim", "rfid"}  # no timings: metrics.json repeats exactly
-    decode = read_json(full_repo / "reports" / "decode.json")
-    assert decode["renderer"] == "direct" and decode["images"] == 20 and decode["seconds_per_image"] > 0
+    for tok in ("digit", "vq"):  # both GPTs, from the same repro
+        assert set(metrics[tok]) == {"fid", "kid", "val_loss", "val_token_acc", "train_loss", "probe_top1",
+                                     "change_rate", "cosine"}
+        train = read_json(full_repo / "reports" / "train" / tok / "metrics.json")
+        assert metrics[tok]["val_loss"] == train["val"]["loss"] and metrics[tok]["train_loss"] == train["train"]["loss"]
+        assert metrics[tok]["probe_top1"] == read_json(full_repo / "reports" / "probe" / f"{tok}.json")["best_val_top1"]
+    ceilings = {"direct": "decoder.json", "stage2_ar": "stage2_ar.json", "vqgan": "vqgan.json"}
+    assert set(metrics["render"]) == set(ceilings)
+    for renderer, name in ceilings.items():
+        rec, score = read_json(full_repo / "reports" / name), read_json(full_repo / "reports" / "score" / f"{renderer}.json")
+        # no timings: metrics.json repeats exactly
+        assert set(metrics["render"][renderer]) == {"fid", "kid", "ceiling_rfid", "ceiling_psnr", "ceiling_ssim"}
+        assert metrics["render"][renderer]["ceiling_rfid"] == rec["rfid"]
+        assert metrics["render"][renderer]["ceiling_psnr"] == rec["psnr"]
+        assert metrics["render"][renderer]["fid"] == score["fid"] and metrics["render"][renderer]["kid"] == score["kid_mean"]
+        assert score["renderer"] == renderer and score["num_samples"] == 20
+        decode = read_json(full_repo / "reports" / "decode" / f"{renderer}.json")
+        assert decode["renderer"] == renderer and decode["images"] == 20 and decode["seconds_per_image"] > 0
+    stability = read_json(full_repo / "reports" / "stability.json")
+    at = {"digit": next(r for r in stability["rows"] if r["snr_db"] == 20),
+          "vq": next(r for r in stability["vq"]["rows"] if r["snr_db"] == 20)}
+    for tok, row in at.items():
+        assert metrics[tok]["change_rate"] == row["change_rate"] and metrics[tok]["cosine"] == row["cosine"]
 
 
-def test_decoder_kind_reruns_only_decode_and_evaluate_and_renders_deterministically(full_repo, tmp_path):
-    repo = copy_repo(full_repo, tmp_path)
-    for kind in ("stage2_ar", "stage2_nar"):
-        update_params(repo / "params.yaml", {"decoder": {"kind": kind}})
-        assert repro(repo) == {"decode", "evaluate"}
-        manifest = read_json(repo / "data" / "samples" / "images" / "manifest.json")
-        assert manifest["renderer"] == kind and manifest["count"] == 20 and manifest["tokenizer"] == "discriminative"
-        metrics = read_json(repo / "reports" / "metrics.json")
-        assert metrics["decoder_kind"] == kind
-        assert metrics["decoder_rfid"] == read_json(repo / "reports" / f"{kind}.json")["rfid"]
-        # The same seed renders the same pixels: a second decode into another folder is byte-identical.
-        proc = stage(repo, "decode", "--out", str(tmp_path / kind), "--grid", str(tmp_path / f"{kind}.png"),
+def test_every_renderer_renders_deterministically(full_repo, tmp_path):
+    """The same seed renders the same pixels: a second decode into another folder is byte-identical."""
+    for renderer, gpt in RENDERERS.items():
+        model = {"direct": "models/decoder", "stage2_ar": "models/stage2_ar", "vqgan": "models/vqgan"}[renderer]
+        proc = stage(full_repo, "decode", "--tokens", f"data/samples/{gpt}/tokens.parquet", "--renderer", renderer,
+                     "--model", model, "--out", str(tmp_path / renderer), "--grid", str(tmp_path / f"{renderer}.png"),
                      "--live", str(tmp_path / "live"), "--report", str(tmp_path / "decode.json"))
         assert proc.returncode == 0, proc.stderr
-        for entry in manifest["images"]:
-            a = (repo / "data" / "samples" / "images" / entry["file"]).read_bytes()
-            assert (tmp_path / kind / entry["file"]).read_bytes() == a, entry["file"]
-    # Back to direct: decode renders the first run's bytes again, so DVC may take evaluate from its run cache.
-    update_params(repo / "params.yaml", {"decoder": {"kind": "direct"}})
-    ran = repro(repo)
-    assert "decode" in ran and ran <= {"decode", "evaluate"}, ran
-    assert read_json(repo / "reports" / "metrics.json") == read_json(full_repo / "reports" / "metrics.json")
-    assert dvc("status", repo).stdout.strip().endswith("up to date.")
+        original = full_repo / "data" / "renders" / renderer
+        manifest = read_json(original / "manifest.json")
+        assert manifest["renderer"] == renderer and manifest["count"] == 20
+        assert sorted(p.name for p in (tmp_path / renderer).iterdir()) == sorted(p.name for p in original.iterdir())
+        for path in original.iterdir():
+            assert (tmp_path / renderer / path.name).read_bytes() == path.read_bytes(), (renderer, path.name)
+        assert (tmp_path / f"{renderer}.png").read_bytes() == \
+            (full_repo / "reports" / "samples" / f"{renderer}.png").read_bytes()
 
 
-def test_tokenizer_kind_vq_trains_and_samples_the_gpt_on_vq_tokens(full_repo, tmp_path):
-    repo = copy_repo(full_repo, tmp_path)
-    update_params(repo / "params.yaml", {"tokenizer": {"kind": "vq"}})
-    assert repro(repo) == {"gpt_tokens", "train", "sample", "probe", "decode", "evaluate"}
-    for split in ("train", "val"):  # byte copies of the VQ tokens
-        assert (repo / "data" / "gpt_tokens" / f"{split}.parquet").read_bytes() == \
-            (repo / "data" / "vq_tokens" / f"{split}.parquet").read_bytes()
-    gpt_meta = read_json(repo / "models" / "gpt" / "tokens.json")
+def test_the_gpt_on_vq_tokens_trains_samples_and_renders_through_the_vqgan(full_repo):
+    gpt_meta = read_json(full_repo / "models" / "gpt" / "vq" / "meta.json")
     assert gpt_meta["tokenizer"] == "vq" and gpt_meta["vocab_size"] == 16
-    tokens, labels, _, meta = read_tokens(repo / "data" / "samples" / "tokens.parquet")
+    assert read_json(full_repo / "models" / "gpt" / "digit" / "meta.json")["vocab_size"] == 32
+    tokens, labels, _, meta = read_tokens(full_repo / "data" / "samples" / "vq" / "tokens.parquet")
     assert meta["tokenizer"] == "vq" and meta["vocab_size"] == 16 and tokens.shape == (20, 49) and tokens.max() < 16
-    manifest = read_json(repo / "data" / "samples" / "images" / "manifest.json")
+    manifest = read_json(full_repo / "data" / "renders" / "vqgan" / "manifest.json")
     assert manifest["renderer"] == "vqgan" and manifest["tokenizer"] == "vq"
-    metrics = read_json(repo / "reports" / "metrics.json")
-    assert metrics["tokenizer_kind"] == "vq" and metrics["decoder_kind"] == "vqgan"
-    assert metrics["decoder_rfid"] == read_json(repo / "reports" / "vqgan.json")["rfid"]
-    assert 0 <= read_json(repo / "reports" / "probe.json")["best_val_top1"] <= 1
-
-    # Stage 2 translates DiGIT tokens: with VQ samples it is a configuration error, said before any stage runs.
-    update_params(repo / "params.yaml", {"decoder": {"kind": "stage2_ar"}})
-    proc = dvc("repro", repo, check=False)
-    assert proc.returncode != 0
-    assert "tokenizer.kind is vq" in proc.stdout + proc.stderr and "set decoder.kind: direct" in proc.stdout + proc.stderr
+    metrics = read_json(full_repo / "reports" / "metrics.json")
+    assert metrics["vq"]["fid"] == metrics["render"]["vqgan"]["fid"]
+    assert metrics["render"]["vqgan"]["ceiling_rfid"] == read_json(full_repo / "reports" / "vqgan.json")["rfid"]
+    assert 0 <= read_json(full_repo / "reports" / "probe" / "vq.json")["best_val_top1"] <= 1
 
 
-def test_a_new_vqgan_leaves_the_discriminative_gpt_alone(full_repo, tmp_path):
-    """gpt_tokens re-runs and writes the same bytes, so DVC does not retrain or resample the GPT."""
+def test_a_new_vqgan_reruns_the_vq_side_and_leaves_the_discriminative_gpt_alone(full_repo, tmp_path):
     repo = copy_repo(full_repo, tmp_path)
-    update_params(repo / "params.yaml", {"vqgan": {"seed": 1}})
-    ran = repro(repo)
-    assert {"train_vqgan", "vq_tokenize", "gpt_tokens", "train_stage2_ar", "train_stage2_nar"} <= ran
-    assert not ran & {"train", "sample", "probe", "extract", "codebook", "tokenize", "train_decoder"}, ran
+    before = read_json(repo / "reports" / "metrics.json")
+    ran, restored, must, reachable = repro_after_param_change(repo, {"vqgan": {"lr": 0.001}})
+    assert reachable == {"train_vqgan", "vq_tokenize", "train@vq", "sample@vq", "probe@vq", "train_stage2@ar",
+                         "decode@stage2_ar", "decode@vqgan", "score@stage2_ar", "score@vqgan", "stability",
+                         "evaluate"}
+    assert must == {"train_vqgan", "vq_tokenize", "train_stage2@ar", "decode@vqgan", "stability", "evaluate"}
+    assert must <= ran <= reachable and not restored, ran
+    assert not ran & {"train@digit", "sample@digit", "probe@digit", "train_decoder", "decode@direct",
+                      "score@direct", "prepare", "extract", "codebook", "tokenize", "reference"}, ran
+    after = read_json(repo / "reports" / "metrics.json")
+    assert after["render"]["direct"] == before["render"]["direct"]
+    for key in ("fid", "kid", "val_loss", "train_loss", "probe_top1"):
+        assert after["digit"][key] == before["digit"][key], key
+    assert after["render"]["vqgan"]["ceiling_rfid"] != before["render"]["vqgan"]["ceiling_rfid"]
+
+
+def test_the_sampling_temperature_reruns_sampling_and_what_renders_it(full_repo, tmp_path):
+    repo = copy_repo(full_repo, tmp_path)
+    ran, restored, must, reachable = repro_after_param_change(repo, {"sample": {"temperature": 0.5}})
+    assert reachable == {"sample@digit", "sample@vq", "decode@direct", "decode@stage2_ar", "decode@vqgan",
+                         "score@direct", "score@stage2_ar", "score@vqgan", "evaluate"}
+    assert must == {"sample@digit", "sample@vq", "decode@direct", "decode@stage2_ar", "decode@vqgan"}
+    assert must <= ran <= reachable and not restored, ran
+    for renderer in RENDERERS:
+        assert read_json(repo / "data" / "renders" / renderer / "manifest.json")["sampling"]["temperature"] == 0.5
 
 
 def test_bad_stage2_inputs_fail_early_and_clearly(full_repo, tmp_path):
@@ -140,7 +151,11 @@ def test_bad_stage2_inputs_fail_early_and_clearly(full_repo, tmp_path):
     expect_error(stage(full_repo, "train_stage2", *outs, params={"stage2": {"batch_size": 500}}),
                  "stage2.batch_size: 500 is more than the 200 train pairs")
     expect_error(stage(full_repo, "train_stage2", *outs, "--tokens", "data/vq_tokens"),
-                 "stage 2 maps DiGIT tokens")
+                 "stage 2 maps DiGIT tokens", "they hold vq and vq tokens")
+    # The two token folders swapped.
+    expect_error(stage(full_repo, "train_stage2", *outs, "--tokens", "data/vq_tokens", "--vq-tokens", "data/tokens"),
+                 "stage 2 maps DiGIT tokens", "they hold vq and discriminative tokens",
+                 "pass data/tokens and data/vq_tokens")
     assert not any((tmp_path / name).exists() for name in ("s2", "live", "s2.json", "ck"))
 
     # A stage-2 model trained for another DiGIT codebook (64 codes; the tokens have 32), or of the other kind.
@@ -148,48 +163,111 @@ def test_bad_stage2_inputs_fail_early_and_clearly(full_repo, tmp_path):
     save_stage2(other, {}, tmp_path / "other")
     decode_outs = ["--out", str(tmp_path / "png"), "--grid", str(tmp_path / "grid.png"),
                    "--live", str(tmp_path / "dlive"), "--report", str(tmp_path / "d.json")]
-    expect_error(stage(full_repo, "decode", "--stage2-ar", str(tmp_path / "other"), *decode_outs,
-                       params={"decoder": {"kind": "stage2_ar"}}),
+    digit_samples = ["--tokens", "data/samples/digit/tokens.parquet"]
+    vq_samples = ["--tokens", "data/samples/vq/tokens.parquet"]
+    expect_error(stage(full_repo, "decode", *digit_samples, "--renderer", "stage2_ar", "--model", str(tmp_path / "other"),
+                       *decode_outs),
                  "trained for a DiGIT codebook of 64 codes, the tokens have 32")
-    expect_error(stage(full_repo, "decode", "--stage2-nar", "models/stage2_ar", *decode_outs,
-                       params={"decoder": {"kind": "stage2_nar"}}),
-                 "holds a stage-2 ar model, decoder.kind is stage2_nar")
-    assert not (tmp_path / "png").exists() and not (tmp_path / "grid.png").exists()
+    expect_error(stage(full_repo, "decode", *digit_samples, "--renderer", "stage2_nar", "--model", "models/stage2_ar",
+                       *decode_outs),
+                 "holds a stage-2 ar model, the renderer is stage2_nar", "train_stage2@nar")
 
-    # tokenizer.kind picks the folder; a folder holding the other kind is refused.
-    expect_error(stage(full_repo, "gpt_tokens", "--discriminative", "data/vq_tokens", "--out", str(tmp_path / "g")),
-                 "holds vq tokens, but tokenizer.kind is discriminative")
-    expect_error(stage(full_repo, "gpt_tokens", "--out", str(tmp_path / "g"),
-                       params={"tokenizer": {"kind": "vq"}, "decoder": {"kind": "stage2_nar"}}),
-                 "decoder.kind: stage2_nar translates DiGIT tokens into VQ tokens")
-    assert not (tmp_path / "g").exists()
+    # Each renderer takes its tokenizer's tokens: VQ samples are the VQGAN's, DiGIT samples the others'.
+    for renderer, model in (("direct", "models/decoder"), ("stage2_ar", "models/stage2_ar"),
+                            ("stage2_nar", "models/stage2_ar")):
+        expect_error(stage(full_repo, "decode", *vq_samples, "--renderer", renderer, "--model", model, *decode_outs),
+                     f"the {renderer} renderer cannot render vq tokens", "VQ tokens go to the VQGAN")
+    expect_error(stage(full_repo, "decode", *digit_samples, "--renderer", "vqgan", "--model", "models/vqgan",
+                       *decode_outs),
+                 "the vqgan renderer cannot render discriminative tokens")
+    assert not any((tmp_path / name).exists() for name in ("png", "grid.png", "dlive", "d.json"))
 
 
-def test_killed_stage2_nar_training_resumes_to_the_same_weights(full_repo, tmp_path):
-    """SIGKILL after a checkpoint, re-run: the same weights (the masks are keyed by step, not by stream state)."""
-    params = {"stage2": {"max_steps": 240, "checkpoint_every": 80, "eval_every": 80}}
+STAGE2_LONG = {"stage2": {"max_steps": 240, "checkpoint_every": 80, "eval_every": 80}}
+
+
+def test_killed_stage2_nar_training_resumes_to_the_same_weights_and_renders(full_repo, tmp_path):
+    """NAR is out of the default DAG but supported: it trains; SIGKILL after a checkpoint and a re-run give the
+    same weights (the masks are keyed by step, not by stream state); its folder renders DiGIT samples."""
     args = ("--kind", "nar", "--out", "s2", "--report", "s2.json", "--live", "live", "--checkpoints", "ck")
     repo = copy_repo(full_repo, tmp_path)
-    assert stage(repo, "train_stage2", *args, params=params).returncode == 0
+    cmd = stage_cmd("train_stage2", *args, *params_file(repo, STAGE2_LONG))
+    env = {"PYTHONPATH": str(repo)}
+    sh(cmd, repo, env=env)
     reference = load_file(str(repo / "s2" / "model.safetensors"))
     (repo / "s2.json").unlink()
     sh("rm -rf s2", repo)
 
-    proc = subprocess.Popen([sys.executable, "-m", "stages.train_stage2", *args, "--params", "params-test.yaml"],
-                            cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list((repo / "ck").glob("*/step_00000160")) and time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail("stage-2 training finished before it could be killed; make the run longer")
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(cmd, repo, repo / "ck", 160, env=env)
     assert not (repo / "s2").exists()
-    out = sh([sys.executable, "-m", "stages.train_stage2", *args, "--params", "params-test.yaml"], repo,
-             env={"PYTHONPATH": str(repo)})
+    out = sh(cmd, repo, env=env)
     assert "resumed from" in out.stdout + out.stderr
     resumed = load_file(str(repo / "s2" / "model.safetensors"))
     for name, tensor in reference.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6)
     assert not list((repo / "ck").iterdir())  # checkpoints removed once the model is published
+    report = read_json(repo / "s2.json")
+    assert report["kind"] == "stage2_nar" and report["steps"] == 240 and report["images"] == 20
+    assert report["sampling"] == {"temperature": 1.0, "steps": 8} and 0 <= report["vq_token_accuracy"] <= 1
+
+    proc = stage(repo, "decode", "--tokens", "data/samples/digit/tokens.parquet", "--renderer", "stage2_nar",
+                 "--model", "s2", "--out", "nar", "--grid", "nar.png", "--live", "nar-live", "--report", "nar.json")
+    assert proc.returncode == 0, proc.stderr
+    manifest = read_json(repo / "nar" / "manifest.json")
+    assert manifest["renderer"] == "stage2_nar" and manifest["count"] == 20
+    assert manifest["stage2_sampling"] == {"temperature": 1.0, "steps": 8}
+    assert len(list((repo / "nar").glob("*.png"))) == 20 and (repo / "nar.png").is_file()
+
+
+def change_one_token(path) -> None:
+    """Rewrite a token file with one token moved to another code: same rows, schema and digit metadata."""
+    table = pq.read_table(path)
+    tokens = table.column("tokens").to_pylist()
+    vocab = read_metadata(path)["vocab_size"]
+    tokens[0][0] = (tokens[0][0] + 1) % vocab
+    column = table.schema.get_field_index("tokens")
+    changed = table.set_column(column, table.schema.field("tokens"),
+                               pa.array(tokens, type=table.schema.field("tokens").type))
+    rows_per_group = pq.ParquetFile(path).metadata.row_group(0).num_rows
+    pq.write_table(changed, path, row_group_size=rows_per_group, compression="zstd")
+
+
+def test_stage2_checkpoint_is_resumed_only_on_the_same_token_bytes(full_repo, tmp_path):
+    """The checkpoint fingerprint covers the token files' bytes: after a change that keeps shape and metadata the
+    run starts over in a new checkpoint folder; with the original bytes back it resumes the first run."""
+    repo = copy_repo(full_repo, tmp_path)
+    args = ("--kind", "ar", "--out", "s2", "--report", "s2.json", "--live", "live", "--checkpoints", "ck")
+    cmd = stage_cmd("train_stage2", *args, *params_file(repo, STAGE2_LONG))
+    env = {"PYTHONPATH": str(repo)}
+
+    def logged(log):  # the same command, its output kept in `log` (exec: the kill reaches the stage itself)
+        return ["bash", "-c", 'exec "$@" >"$0" 2>&1', str(log), *cmd]
+
+    kill_after_checkpoint(logged(tmp_path / "first.log"), repo, repo / "ck", 80, env=env)
+    (first,) = [p.name for p in (repo / "ck").iterdir()]
+    assert first.startswith("train_stage2_ar-") and (repo / "ck" / first / "step_00000080").is_dir()
+
+    path = repo / "data" / "tokens" / "train.parquet"
+    original = path.read_bytes()
+    old_tokens, old_labels, old_keys, old_meta = read_tokens(path)
+    change_one_token(path)
+    new_tokens, new_labels, new_keys, new_meta = read_tokens(path)
+    assert new_meta == old_meta and new_keys == old_keys and np.array_equal(new_labels, old_labels)
+    assert new_tokens.shape == old_tokens.shape and (new_tokens != old_tokens).sum() == 1
+    assert pq.read_schema(path).metadata == pq.ParquetFile(pa.BufferReader(original)).schema_arrow.metadata
+
+    kill_after_checkpoint(logged(tmp_path / "changed.log"), repo, repo / "ck", 160, env=env)
+    log = (tmp_path / "changed.log").read_text()
+    assert "resumed from" not in log, log
+    assert "Traceback" not in log, log
+    folders = sorted(p.name for p in (repo / "ck").iterdir())
+    (second,) = set(folders) - {first}
+    assert len(folders) == 2 and second.startswith("train_stage2_ar-"), folders  # another fingerprint
+    assert (repo / "ck" / second / "step_00000160").is_dir()
+    assert sorted(p.name for p in (repo / "ck" / first).iterdir()) == ["step_00000080"]  # untouched
+
+    path.write_bytes(original)  # the unchanged inputs: the first run's checkpoint is resumed
+    out = sh(cmd, repo, env=env)
+    assert f"resumed from ck/{first}/step_00000080" in out.stdout + out.stderr, out.stderr
+    assert sorted(p.name for p in (repo / "ck").iterdir()) == [second]  # the finished run's checkpoints removed
+    assert (repo / "s2" / "model.safetensors").is_file()
