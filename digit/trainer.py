@@ -32,6 +32,7 @@ from tqdm import tqdm
 from digit.code import code_digest
 from digit.distributed import finish, make_accelerator
 from digit.errors import ConfigError, TrainingError
+from digit.shards import read_manifest
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -58,10 +59,10 @@ def run_fingerprint(cfg: dict, inputs: Sequence[str | Path], entry: str | Path) 
     """Identity of a training run: its params, its input files' bytes, and the code of `entry` with its imports."""
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
     for path in inputs:
-        path = Path(path)
-        if not path.exists():  # a URL-template shard root (object storage) is identified by its manifest
-            continue
-        _hash_path(digest, path)
+        if Path(path).exists():
+            _hash_path(digest, Path(path))
+        else:  # a URL-template shard root (object storage): its manifest names and counts every shard
+            digest.update(json.dumps(read_manifest(str(path)), sort_keys=True).encode())
     digest.update(code_digest(entry).encode())
     return digest.hexdigest()[:16]
 

@@ -1,6 +1,8 @@
 """Tokenizer ablation controls and run seeds: the `pixels` encoder, the seeded random encoder,
 base.seed (seed_for, schema, which stages it re-runs), the stability K sweep, both control arms
-through `dvc repro`, and two operational floors (no-op repro speed, a DVC remote round trip)."""
+through `dvc repro` (the VQ-token arm and the renderers are in the default DAG: `train@vq`,
+`decode@*`), the Makefile's arms, and two operational floors (no-op repro speed, a DVC remote
+round trip)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import json
 import math
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -16,12 +17,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+import yaml
 
 from conftest import FMNIST, ROOT, TINY_DAG, dvc, needs_fmnist, sh, update_params
 from digit.encoders import build_encoder, describe, validate_encoder
 from digit.errors import ConfigError
-from digit.params import MAX_BASE_SEED, SEED_STRIDE, load_params, seed_for
+from digit.params import MAX_BASE_SEED, SEED_STRIDE, Yaml12Loader, load_params, seed_for
 from digit.stability import check_config, load_tokenizer
+from helpers import stage_cmd, stages_ran
 from stages.stability import run_stability
 
 STABILITY = {"snr_db": [30, 20, 5], "num_images": 10, "batch_size": 10, "seed": 0, "k_sweep": [], "noise_at": "stored"}
@@ -42,13 +45,8 @@ def _copy(repo: Path, dest: Path) -> Path:
     return dest
 
 
-def _ran(proc) -> set[str]:
-    return {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")}
-
-
 def _stage(repo: Path, name: str, *args: str, params: Path):
-    return sh([sys.executable, "-m", f"stages.{name}", *args, "--params", str(params)], repo,
-              env={"PYTHONPATH": str(repo)})
+    return sh(stage_cmd(name, *args, "--params", str(params)), repo, env={"PYTHONPATH": str(repo)})
 
 
 # ----------------------------------------------------------------- pixels encoder
@@ -224,8 +222,13 @@ def test_k_sweep_at_the_codebooks_own_k_reproduces_the_main_change_rates(full_re
 
 
 # ----------------------------------------------------------------- base.seed in the DAG
-SEEDED_STAGES = {"extract", "codebook", "train", "sample", "train_decoder", "train_vqgan", "train_stage2_ar",
-                 "train_stage2_nar", "decode", "stability"}
+SEEDED_STAGES = {"extract", "codebook", "train_vqgan", "train@digit", "train@vq", "sample@digit", "sample@vq",
+                 "train_decoder", "train_stage2@ar", "decode@direct", "decode@stage2_ar", "decode@vqgan", "stability"}
+# A new encoder changes the DiGIT tokens and what depends on them; images, reference and the whole VQ arm
+# (VQGAN, VQ tokens, its GPT, samples, renders and score) are kept.
+DIGIT_TOKEN_STAGES = {"extract", "codebook", "tokenize", "train@digit", "sample@digit", "probe@digit", "train_decoder",
+                      "train_stage2@ar", "decode@direct", "decode@stage2_ar", "score@direct", "score@stage2_ar",
+                      "stability", "evaluate"}
 
 
 @needs_fmnist
@@ -256,15 +259,44 @@ def test_base_seed_reruns_exactly_the_seeded_stages_and_moves_the_codebook(full_
 
 
 # ----------------------------------------------------------------- the control arms through dvc repro
+def _makefile_arms() -> dict[str, list[str]]:
+    """NAME -> its `-S key=value` settings, for every arm of the Makefile's *_ARMS lists."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    arms = {}
+    for line in re.findall(r"^\w+_ARMS\s*:?=(.*)$", text, re.M):
+        for arm in re.findall(r'"([^"]+)"', line):
+            name, *rest = arm.split()
+            assert name not in arms, f"arm {name} twice"
+            assert len(rest) % 2 == 0 and all(flag == "-S" for flag in rest[::2]), arm
+            arms[name] = rest[1::2]
+    return arms
+
+
+def test_every_makefile_arm_sets_existing_params_to_valid_values(tmp_path):
+    """`make ablation` / `make seeds` queue `dvc exp run -S key=value` arms: each must name a params.yaml key
+    (a key removed from the DAG, such as tokenizer.kind, would only fail after the workspace run) and pass the
+    params schema."""
+    arms = _makefile_arms()
+    assert {"abl-pixels", "abl-random", "seed-1", "seed-2"} <= set(arms), arms
+    defaults = yaml.load((ROOT / "params.yaml").read_text(), Loader=Yaml12Loader)
+    for name, settings in arms.items():
+        path = tmp_path / f"{name}.yaml"
+        shutil.copy(ROOT / "params.yaml", path)
+        for setting in settings:
+            key, _, value = setting.partition("=")
+            section, _, field = key.partition(".")
+            assert field in defaults.get(section, {}), f"{name}: {key} is not a params.yaml key"
+            update_params(path, {section: {field: yaml.safe_load(value)}})
+        load_params(path)  # raises ConfigError naming the key
+
+
 @needs_fmnist
 @pytest.mark.slow
 def test_pixels_arm_runs_the_whole_dag(full_repo, tmp_path):
     repo = _copy(full_repo, tmp_path / "repo")
     update_params(repo / "params.yaml", {"encoder": {"name": "pixels", "weights": "none"}, **TINY_DAG})
     proc = dvc("repro", repo)
-    assert _ran(proc) == {"extract", "codebook", "tokenize", "gpt_tokens", "train", "sample", "probe",
-                          "train_decoder", "train_stage2_ar", "train_stage2_nar", "decode", "evaluate",
-                          "stability"}, proc.stdout  # images, reference and the VQGAN kept
+    assert stages_ran(proc.stdout) == DIGIT_TOKEN_STAGES, proc.stdout
     reports = repo / "reports"
     extract = json.loads((reports / "extract.json").read_text())
     assert extract["name"] == "pixels" and extract["grid"] == [7, 7] and extract["dim"] == 768
@@ -281,7 +313,14 @@ def test_pixels_arm_runs_the_whole_dag(full_repo, tmp_path):
     # Raw pixels: noise at 0.01 dB moves the features a lot, at 30 dB hardly.
     assert stability["cosine_snr30"] > stability["cosine_snr0p01"]
     metrics = json.loads((reports / "metrics.json").read_text())
-    assert isinstance(metrics["fid"], float) and math.isfinite(metrics["fid"]) and metrics["fid"] > 0
+    for renderer in ("direct", "stage2_ar"):  # the pixel-token samples, through both DiGIT-token renderers
+        fid = metrics["render"][renderer]["fid"]
+        assert isinstance(fid, float) and math.isfinite(fid) and fid > 0, (renderer, fid)
+    assert metrics["digit"]["fid"] == metrics["render"]["direct"]["fid"]
+    before = json.loads((full_repo / "reports/metrics.json").read_text())
+    assert metrics["digit"]["fid"] != before["digit"]["fid"]  # really another tokenizer
+    assert metrics["render"]["vqgan"] == before["render"]["vqgan"]  # the VQ arm, untouched
+    assert metrics["vq"]["fid"] == before["vq"]["fid"] and metrics["vq"]["val_loss"] == before["vq"]["val_loss"]
     assert "up to date" in dvc("status", repo).stdout
 
 
@@ -293,7 +332,7 @@ def test_random_arm_stability_rebuilds_the_seeded_network(full_repo, tmp_path):
     repo = _copy(full_repo, tmp_path / "repo")
     update_params(repo / "params.yaml", {"encoder": {"weights": "none"}, "base": {"seed": 3}})
     proc = dvc("repro stability", repo)
-    assert _ran(proc) == {"extract", "codebook", "train_vqgan", "stability"}, proc.stdout
+    assert stages_ran(proc.stdout) == {"extract", "codebook", "train_vqgan", "stability"}, proc.stdout
     seed = 3 * SEED_STRIDE
     assert json.loads((repo / "reports/extract.json").read_text())["seed"] == seed
     meta = json.loads((repo / "models/codebook/codebook.json").read_text())
@@ -327,12 +366,15 @@ def test_noop_repro_is_fast_and_temperature_reruns_only_sampling(full_repo, tmp_
         started = time.monotonic()
         proc = dvc("repro", repo)
         times.append(time.monotonic() - started)
-        assert _ran(proc) == set() and "up to date" in proc.stdout and "didn't change" in proc.stdout, proc.stdout
+        assert stages_ran(proc.stdout) == set() and "up to date" in proc.stdout and "didn't change" in proc.stdout, \
+            proc.stdout
     assert min(times) < 3, f"no-op dvc repro took {min(times):.2f} s (best of 2)"
 
     update_params(repo / "params.yaml", {"sample": {"temperature": 0.9}})
     proc = dvc("repro", repo)
-    assert _ran(proc) == {"sample", "decode", "evaluate"}, proc.stdout
+    # Both GPTs' samples, every renderer's images and score, and the collected metrics; no training.
+    assert stages_ran(proc.stdout) == {"sample@digit", "sample@vq", "decode@direct", "decode@stage2_ar", "decode@vqgan",
+                                       "score@direct", "score@stage2_ar", "score@vqgan", "evaluate"}, proc.stdout
     assert "up to date" in dvc("status", repo).stdout
 
 
@@ -349,8 +391,12 @@ def test_push_to_a_local_remote_and_pull_restores_every_output(full_repo, tmp_pa
     assert json.loads(dvc("status --cloud --json", repo).stdout) == {}  # cache and remote in sync
 
     outputs = {p: p.read_bytes() for p in [repo / "models/codebook/centroids.npy",
-                                            repo / "data/samples/tokens.parquet",
-                                            repo / "models/decoder/model.safetensors"]}
+                                            repo / "data/samples/digit/tokens.parquet",
+                                            repo / "data/samples/vq/tokens.parquet",
+                                            repo / "models/decoder/model.safetensors",
+                                            repo / "models/gpt/vq/model.safetensors",
+                                            repo / "models/stage2_ar/vqgan/model.safetensors",
+                                            repo / "data/renders/vqgan/manifest.json"]}
     for path in ("data", "models", ".dvc/cache"):
         shutil.rmtree(repo / path)
     gone = dvc("status", repo).stdout
@@ -361,4 +407,4 @@ def test_push_to_a_local_remote_and_pull_restores_every_output(full_repo, tmp_pa
     for path, data in outputs.items():
         assert path.read_bytes() == data, path
     assert (full_repo / ".dvc" / "cache").is_dir() and (full_repo / "models/codebook/centroids.npy").is_file()
-    assert _ran(dvc("repro", repo)) == set()
+    assert stages_ran(dvc("repro", repo).stdout) == set()

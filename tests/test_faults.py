@@ -1,14 +1,17 @@
 """Faults: every stage SIGKILLed at a random point, a crashed rank, a full or read-only disk.
 
-1. One fresh tiny project (TINY + TINY_DAG). `dvc repro` runs in its own
-   session; once the next stage still to be killed has run for a seeded random
-   delay (uniform in [0, its typical wall time], TYPICAL) the whole process
-   group (dvc and the stage: a user killing the job) gets SIGKILL, and the next
-   `dvc repro` goes on. `train` and `train_decoder` are killed a second time as
-   soon as their run has published a checkpoint or resumed from one, so a
-   resume is always exercised. A stage that finished before its kill landed (or
-   whose process was gone, dvc still hashing) is tried again, with half the
-   delay, by `dvc repro -f -s STAGE` when nothing else reruns it.
+1. One fresh tiny project (TINY + TINY_DAG). Every stage of its DAG, as `dvc repro` resolves
+   dvc.yaml (`train@digit`, `decode@vqgan`, ...: helpers.dvc_stages, so a new stage joins by
+   itself), is killed while running. `dvc repro` runs in its own session; once the next stage still
+   to be killed has run for a seeded random delay (uniform in [0, its expected wall time]) the whole
+   process group (dvc and the stage: a user killing the job) gets SIGKILL, and the next `dvc repro`
+   goes on. A stage's expected wall time ("Running stage" to the next) is observed at run time: what
+   this campaign measured when the stage last ran to the end, else the measured TYPICAL time scaled by
+   how much slower than TYPICAL the last few stages ran here (a stage TYPICAL does not list yet gets
+   its longest entry). Every training stage (one whose command takes `--checkpoints`) is killed a second
+   time as soon as its run has published a checkpoint or resumed from one, so a resume is always
+   exercised. A stage that finished before its kill landed (or whose process was gone, dvc still
+   hashing) is tried again, with half the delay, by `dvc repro -f -s STAGE` when nothing else reruns it.
    After every kill, DVC may take as complete only what equals the
    uninterrupted run (`full_repo`, built meanwhile when this file runs alone):
    a stage `dvc status` calls up to date has the uninterrupted run's output
@@ -54,8 +57,10 @@ import os
 import random
 import re
 import resource
+import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -69,36 +74,59 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, TINY, TINY_DAG, _merge, dvc, make_project, needs_fmnist, sh, update_params
+from helpers import dvc_stages, entry_modules, stage_cmd, torchrun
 
-pytestmark = [needs_fmnist, pytest.mark.slow]
+pytestmark = [needs_fmnist]
 
 SEED = int(os.environ.get("DIGIT_FAULT_SEED", "0"))
-STAGES = ("prepare", "extract", "codebook", "tokenize", "train", "sample", "probe", "reference", "train_decoder",
-          "decode", "evaluate", "stability")
-# Wall seconds of each stage of the tiny DAG ("Running stage" to the next), uninterrupted, 2 CPU cores.
-TYPICAL = {"prepare": 2.6, "extract": 13.5, "codebook": 2.1, "tokenize": 2.4, "train": 4.7, "sample": 3.4,
-           "probe": 4.4, "reference": 25.0, "train_decoder": 29.5, "decode": 3.9, "evaluate": 14.4,
-           "stability": 6.8}
-CHECKPOINTS = {"train": "train", "train_decoder": "decoder"}  # stage -> checkpoints/<prefix>-<fingerprint>/
+# Wall seconds of each stage of the tiny DAG ("Running stage" to the next), uninterrupted, 2 CPU cores with
+# OMP_NUM_THREADS=1 (107 s in all). Only a prior for a stage's first kill: the campaign rescales it to how fast
+# the machine runs now and replaces it by what it observes (Timing); its report prints the observed times.
+TYPICAL = {"prepare": 3.8, "extract": 6.3, "codebook": 2.0, "tokenize": 2.5, "reference": 9.1, "train_vqgan": 8.5,
+           "vq_tokenize": 2.5, "train@digit": 4.2, "train@vq": 4.2, "sample@digit": 2.3, "sample@vq": 2.2,
+           "probe@digit": 4.1, "probe@vq": 3.8, "train_decoder": 8.5, "train_stage2@ar": 8.1, "decode@direct": 3.3,
+           "decode@stage2_ar": 3.4, "decode@vqgan": 3.3, "score@direct": 6.2, "score@stage2_ar": 6.2,
+           "score@vqgan": 6.3, "stability": 5.9, "evaluate": 0.5}
 WEIGHT_ATOL = 1e-6  # resumed vs uninterrupted weights, as in the resume tests
 TMP = re.compile(r"\.tmp(-|$)")
+RESUMED = re.compile(r"^(\S+): resumed from \S+/step_\d+\s*$", re.M)  # digit.trainer's line on a resume
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the DAG as `dvc repro` runs it."""
+
+    name: str  # as `dvc repro` takes it: train@digit
+    module: str  # the project module its command runs: stages.train
+    trains: bool  # a training stage: writes checkpoints (its command takes --checkpoints), resumes from them
+    outs: tuple[tuple[str, bool], ...]  # (path, cached) of every outs / metrics / plots entry
+
+
+def dag(repo: Path) -> dict[str, Stage]:
+    """Every stage of the project at `repo` (foreach expanded, as DVC resolves dvc.yaml), in dvc.yaml order."""
+    outs = declared_outs(repo)
+    root = Path(repo).resolve()
+    stages = {}
+    for info in dvc_stages(root):
+        entries = entry_modules(info.cmd, root)
+        assert len(entries) == 1, f"{info.name}: expected one project module in {info.cmd!r}, got {entries}"
+        module = ".".join(entries[0].relative_to(root).with_suffix("").parts)
+        stages[info.name] = Stage(info.name, module, "--checkpoints" in info.cmd.split(), tuple(outs[info.name]))
+    return stages
+
+
 def declared_outs(repo: Path) -> dict[str, list[tuple[str, bool]]]:
-    """stage -> [(path, cached)] for every outs / metrics / plots entry of dvc.yaml."""
-    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    result = {}
-    for name, spec in stages.items():
-        entries = []
-        for kind in ("outs", "metrics", "plots"):
-            for entry in spec.get(kind, []):
-                path, opts = (entry, None) if isinstance(entry, str) else next(iter(entry.items()))
-                entries.append((path, (opts or {}).get("cache", True)))
-        result[name] = entries
-    return result
+    """stage -> [(path, cached)] for every outs / metrics / plots entry, foreach expanded (DVC's own resolution)."""
+    from dvc.repo import Repo
+
+    root = Path(repo).resolve()
+    with Repo(str(root)) as dvc_repo:
+        return {stage.name: [(Path(os.path.relpath(Path(stage.wdir) / str(out.def_path), root)).as_posix(),
+                              out.use_cache) for out in stage.outs]
+                for stage in dvc_repo.index.stages}
 
 
 def lock_hashes(repo: Path) -> dict[str, dict[str, str]]:
@@ -166,8 +194,14 @@ def descendants(root: int) -> dict[int, str]:
     return found
 
 
+def runs_module(root: int, module: str) -> bool:
+    """Whether a live descendant of `root` runs `python -m module` (the stage process, or the shell starting it)."""
+    pattern = re.compile(rf"-m {re.escape(module)}(\s|$)")
+    return any(pattern.search(cmd) for cmd in descendants(root).values())
+
+
 class Repro:
-    """`dvc repro` in its own session (process group); a thread notes when each stage starts."""
+    """`dvc repro` in its own session (process group); a thread notes when each stage starts, and resumes."""
 
     RUNNING = re.compile(r"Running stage '([^']+)'")
 
@@ -179,6 +213,9 @@ class Repro:
         self.lines: list[str] = []
         self.order: list[str] = []
         self.started: dict[str, float] = {}
+        self.resumed: set[str] = set()  # stages whose training resumed from a checkpoint in this run
+        self.ended: float | None = None  # when dvc closed its output
+        self.returncode: int | None = None
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -189,6 +226,9 @@ class Repro:
             if match := self.RUNNING.match(line):
                 self.started[match[1]] = now
                 self.order.append(match[1])
+            elif self.order and RESUMED.match(line):
+                self.resumed.add(self.order[-1])
+        self.ended = time.monotonic()
 
     @property
     def current(self) -> str | None:
@@ -198,22 +238,55 @@ class Repro:
     def output(self) -> str:
         return "".join(self.lines)
 
+    def durations(self) -> dict[str, float]:
+        """Wall seconds of each stage this run saw to the end: "Running stage" to the next, or to dvc's exit."""
+        ends = [self.started[name] for name in self.order[1:]]
+        if self.returncode == 0 and self.ended is not None:
+            ends.append(self.ended)
+        return {name: end - self.started[name] for name, end in zip(self.order, ends)}
+
     def kill(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()  # reaped: the next dvc sees the PID in its rwlock as dead
+        self.returncode = self.proc.wait()  # reaped: the next dvc sees the PID in its rwlock as dead
         self.thread.join(30)
 
     def wait(self, timeout: float = 900) -> int:
-        rc = self.proc.wait(timeout)
+        self.returncode = self.proc.wait(timeout)
         self.thread.join(30)
-        return rc
+        return self.returncode
+
+
+class Timing:
+    """A stage's expected wall time: what it last took to the end in this campaign, else its TYPICAL time
+    (the longest TYPICAL time for a stage it does not list) times how much slower than TYPICAL this machine
+    ran the last few stages (the median ratio: the load changes, e.g. once the reference run is built)."""
+
+    RECENT = 5
+
+    def __init__(self):
+        self.observed: dict[str, float] = {}
+        self.ratios: list[float] = []  # observed / TYPICAL, in the order seen
+
+    def note(self, run: Repro) -> None:
+        for name, seconds in run.durations().items():
+            if name in run.resumed:  # a training that resumed did only part of its run
+                continue
+            self.observed[name] = seconds
+            if name in TYPICAL:
+                self.ratios.append(seconds / TYPICAL[name])
+
+    def expected(self, stage: str) -> float:
+        if stage in self.observed:
+            return self.observed[stage]
+        speed = statistics.median(self.ratios[-self.RECENT:]) if self.ratios else 1.0
+        return TYPICAL.get(stage, max(TYPICAL.values())) * speed
 
 
 @dataclass
 class Kill:
     stage: str
     mode: str = "random"  # or "checkpoint": once the run has published a checkpoint or resumed from one
-    scale: float = 1.0  # of TYPICAL[stage]; halved after each miss
+    scale: float = 1.0  # of the stage's expected time; halved after each miss
 
 
 # ----------------------------------------------------------------------------- 1. SIGKILL every stage
@@ -231,8 +304,8 @@ def inspect_after_kill(repo: Path, outs: dict, stage: str, record: dict, keep: P
     changed = set(status)
     record["stale_per_dvc"] = stage in changed
     ours = lock_hashes(repo)
-    record["complete_per_dvc"] = {name: {path: ours[name][path] for path, cached in outs[name] if cached}
-                                  for name in STAGES if name not in changed}
+    record["complete_per_dvc"] = {name: {path: ours[name][path] for path, cached in entries if cached}
+                                  for name, entries in outs.items() if name not in changed}
     record["kept"] = {}
     for path, cached in outs[stage]:
         if cached and (repo / path).exists():  # only when killed between publishing and dvc.lock
@@ -282,15 +355,18 @@ def verify_kill(record: dict, outs: dict, reference: Path) -> None:
         assert all(path != p and not path.startswith(p + "/") for p in declared), path
 
 
-def kill_campaign(repo: Path, outs: dict, rng: random.Random, keep: Path, stop: threading.Event) -> tuple:
+def kill_campaign(repo: Path, stages: dict[str, Stage], rng: random.Random, keep: Path,
+                  stop: threading.Event) -> tuple:
     """Kill every stage (and each training after a checkpoint) once, then repro to the end: (records, logs)."""
-    pending = [Kill(s) for s in STAGES]
-    for stage in CHECKPOINTS:
-        pending.insert(pending.index(next(k for k in pending if k.stage == stage)) + 1, Kill(stage, "checkpoint"))
+    outs = {name: list(stage.outs) for name, stage in stages.items()}
+    pending = []
+    for name, stage in stages.items():
+        pending += [Kill(name)] + ([Kill(name, "checkpoint")] if stage.trains else [])
+    timing = Timing()
     records: list[dict] = []
     logs: list[str] = []
-    changed, repaired = set(STAGES), False
-    for attempt in range(40):
+    changed, repaired = set(stages), False
+    for attempt in range(8 + 3 * len(pending)):
         if not pending or stop.is_set():
             break
         first = pending[0].stage
@@ -298,27 +374,29 @@ def kill_campaign(repo: Path, outs: dict, rng: random.Random, keep: Path, stop: 
         # being checked out of the run cache, except right after dvc.lock had to go (see status_after_kill).
         args = () if repaired else ("--no-run-cache",)
         run = Repro(repo, *args, *(() if first in changed else ("-f", "-s", first)))
-        armed, delay, seen, killed, before = None, 0.0, set(), None, set()
+        armed, delay, expected, seen, killed, before = None, 0.0, 0.0, set(), None, set()
         while run.proc.poll() is None:
             stage = run.current
             if stop.is_set():
                 run.kill()
                 return records, logs
             if armed is not None and stage != armed.stage:
-                records.append({"stage": armed.stage, "mode": armed.mode, "delay": delay, "result": "finished first"})
+                records.append({"stage": armed.stage, "mode": armed.mode, "delay": delay, "expected": expected,
+                                "result": "finished first"})
                 armed.scale /= 2
                 armed = None
             if armed is None and stage is not None and stage not in seen:
                 seen.add(stage)
                 armed = next((k for k in pending if k.stage == stage), None)
-                delay = rng.uniform(0, TYPICAL[stage] * armed.scale) if armed and armed.mode == "random" else 0.0
+                expected = timing.expected(stage)
+                delay = rng.uniform(0, expected * armed.scale) if armed and armed.mode == "random" else 0.0
                 before = set(checkpoint_dirs(repo))
             if armed is not None:
                 # "checkpoint": once this run has published a checkpoint, or resumed from one.
-                ready = (bool(set(checkpoint_dirs(repo)) - before) or f"{stage}: resumed from" in run.output
+                ready = (bool(set(checkpoint_dirs(repo)) - before) or stage in run.resumed
                          if armed.mode == "checkpoint" else time.monotonic() - run.started[stage] >= delay)
                 if ready:
-                    alive = any(f"stages.{stage}" in cmd for cmd in descendants(run.proc.pid).values())
+                    alive = runs_module(run.proc.pid, stages[stage].module)
                     at = time.monotonic() - run.started[stage]
                     run.kill()
                     killed = armed
@@ -327,12 +405,16 @@ def kill_campaign(repo: Path, outs: dict, rng: random.Random, keep: Path, stop: 
         logs.append(run.output)
         if killed is None:
             assert run.wait() == 0, f"dvc repro failed:\n{run.output[-5000:]}"
+            timing.note(run)
             if armed is not None:  # the run's last stage finished before its kill
-                records.append({"stage": armed.stage, "mode": armed.mode, "delay": delay, "result": "finished first"})
+                records.append({"stage": armed.stage, "mode": armed.mode, "delay": delay, "expected": expected,
+                                "result": "finished first"})
                 armed.scale /= 2
             changed, repaired = set(dvc_status(repo)), False
             continue
-        record = {"stage": killed.stage, "mode": killed.mode, "delay": delay, "at": at, "stage_process_alive": alive}
+        timing.note(run)  # the stages before the killed one ran to the end
+        record = {"stage": killed.stage, "mode": killed.mode, "delay": delay, "expected": expected, "at": at,
+                  "stage_process_alive": alive}
         changed = inspect_after_kill(repo, outs, killed.stage, record, keep / str(attempt))
         repaired = bool(record["dvc_repair"])
         if alive:  # (DVC may still call it done: if its outputs were complete and as in dvc.lock, see verify_kill)
@@ -344,7 +426,7 @@ def kill_campaign(repo: Path, outs: dict, rng: random.Random, keep: Path, stop: 
                 resume = Repro(repo, "-f", "-s", killed.stage)
                 assert resume.wait() == 0, resume.output[-5000:]
                 logs.append(resume.output)
-                assert resumed_to_the_end(resume.output, killed.stage), resume.output[-5000:]
+                assert killed.stage in resume.resumed and resumed_to_the_end(resume.output), resume.output[-5000:]
                 record["resumed"] = True
                 changed = set(dvc_status(repo))
         else:  # the stage had finished; dvc was still hashing, caching or writing dvc.lock
@@ -355,19 +437,39 @@ def kill_campaign(repo: Path, outs: dict, rng: random.Random, keep: Path, stop: 
     final = Repro(repo)
     assert final.wait() == 0, final.output[-5000:]
     logs.append(final.output)
+    timing.note(final)
+    records.append({"observed": timing.observed})
     return records, logs
 
 
+def test_the_campaign_covers_every_stage_of_the_dag():
+    """Quick: the stage list, the process each kill looks for and the training stages all come from dvc.yaml."""
+    stages = dag(ROOT)
+    assert set(stages) == {s.name for s in dvc_stages(ROOT)}
+    assert {"prepare", "train@digit", "train@vq", "decode@vqgan", "score@direct", "evaluate"} <= set(stages)
+    assert stages["train@vq"].module == "stages.train" and stages["decode@stage2_ar"].module == "stages.decode"
+    assert {"train_vqgan", "train@digit", "train@vq", "train_decoder", "train_stage2@ar"} <= {
+        name for name, stage in stages.items() if stage.trains}
+    assert not stages["sample@digit"].trains and not stages["score@vqgan"].trains
+    assert ("models/gpt/vq", True) in stages["train@vq"].outs
+    assert ("reports/score/vqgan.json", False) in stages["score@vqgan"].outs
+    # The prior names no stage that is gone (a renamed stage would silently fall back to the default).
+    assert set(TYPICAL) <= set(stages), set(TYPICAL) - set(stages)
+
+
+@pytest.mark.slow
 def test_sigkill_at_random_points_of_every_stage_then_repro_matches_uninterrupted(request, tmp_path):
     started = time.monotonic()
     repo = make_project(tmp_path / "repo", _merge(TINY, TINY_DAG))
-    outs = declared_outs(repo)
+    stages = dag(repo)
+    outs = {name: list(stage.outs) for name, stage in stages.items()}
     result: dict = {}
     stop = threading.Event()
 
     def campaign():
         try:
-            result["records"], result["logs"] = kill_campaign(repo, outs, random.Random(SEED), tmp_path / "kept", stop)
+            result["records"], result["logs"] = kill_campaign(repo, stages, random.Random(SEED), tmp_path / "kept",
+                                                              stop)
         except BaseException as exc:  # re-raised in the test's thread
             result["error"] = exc
 
@@ -382,35 +484,45 @@ def test_sigkill_at_random_points_of_every_stage_then_repro_matches_uninterrupte
     thread.join()
     if "error" in result:
         raise result["error"]
-    records, logs = result["records"], result["logs"]
+    records = result["records"]
     report = format_kills(records, time.monotonic() - started)
     print(report)
     (tmp_path / "kills.txt").write_text(report + "\n")
     if os.environ.get("DIGIT_FAULT_REPORT"):
         Path(os.environ["DIGIT_FAULT_REPORT"]).write_text(report + "\n")
+    records = [r for r in records if "stage" in r]
 
-    # Every stage was killed while running; the trainings resumed from their checkpoints.
-    assert {r["stage"] for r in records if r["result"] == "killed"} == set(STAGES)
-    for stage in CHECKPOINTS:
-        assert any(r["stage"] == stage and r.get("resumed") for r in records), stage
+    # Every stage of the DAG was killed while running; every training resumed from its checkpoint.
+    assert {r["stage"] for r in records if r["result"] == "killed"} == set(stages)
+    for name, stage in stages.items():
+        if stage.trains:
+            assert any(r["stage"] == name and r.get("resumed") for r in records), name
     for record in records:
         if "on_disk" in record:
             verify_kill(record, outs, full_repo)
 
     # The final outputs are the uninterrupted run's.
     assert dvc_status(repo) == {}
+    cached = [path for entries in outs.values() for path, is_cached in entries if is_cached]
     for stage, entries in outs.items():
-        for path, cached in entries:
-            if cached:
+        for path, is_cached in entries:
+            if is_cached:
                 assert not (problem := differs(repo / path, full_repo / path)), f"{stage} {path}: {problem}"
-    for name in ("data/tokens/train.parquet", "data/tokens/val.parquet", "data/samples/tokens.parquet"):
+    files = sorted(str(f.relative_to(full_repo)) for path in cached
+                   for f in ([full_repo / path] if (full_repo / path).is_file() else (full_repo / path).rglob("*")))
+    tokens = [name for name in files if name.endswith(".parquet")]  # token files and samples, byte for byte
+    assert {"data/tokens/train.parquet", "data/tokens/val.parquet", "data/vq_tokens/train.parquet",
+            "data/samples/digit/tokens.parquet", "data/samples/vq/tokens.parquet"} <= set(tokens), tokens
+    for name in tokens:
         assert (repo / name).read_bytes() == (full_repo / name).read_bytes(), name
-    for model in ("models/gpt", "models/decoder"):
-        for weights in (full_repo / model).glob("*.safetensors"):
-            ours, theirs = load_file(str(repo / model / weights.name)), load_file(str(weights))
-            assert ours.keys() == theirs.keys()
-            for name, tensor in theirs.items():
-                torch.testing.assert_close(ours[name], tensor, rtol=0, atol=WEIGHT_ATOL)
+    weights = [name for name in files if name.endswith(".safetensors")]  # every model, the trainings' included
+    assert {f"models/{m}/model.safetensors" for m in ("gpt/digit", "gpt/vq", "decoder", "vqgan", "stage2_ar")} \
+        <= set(weights), weights
+    for name in weights:
+        ours, theirs = load_file(str(repo / name)), load_file(str(full_repo / name))
+        assert ours.keys() == theirs.keys(), name
+        for key, tensor in theirs.items():
+            torch.testing.assert_close(ours[key], tensor, rtol=0, atol=WEIGHT_ATOL)
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert metrics == json.loads((full_repo / "reports/metrics.json").read_text())  # every key, exactly
     # A killed run's temporary sibling is removed by the stage's next run. When DVC instead restores the
@@ -430,17 +542,21 @@ def test_sigkill_at_random_points_of_every_stage_then_repro_matches_uninterrupte
     assert checkpoint_dirs(repo) == []  # the resumed trainings finished and removed their checkpoints
 
 
-def resumed_to_the_end(log: str, stage: str) -> bool:
-    """The stage resumed from a checkpoint in this `dvc repro` output, and finished."""
-    start = log.find(f"{stage}: resumed from")
-    return start >= 0 and re.search(r"^(Running stage '|Updating lock file|Stage '|Use `dvc push`)", log[start:],
-                                    re.M) is not None
+def resumed_to_the_end(log: str) -> bool:
+    """A training resumed from a checkpoint in this `dvc repro` output, and finished."""
+    match = RESUMED.search(log)
+    return match is not None and re.search(r"^(Running stage '|Updating lock file|Stage '|Use `dvc push`)",
+                                           log[match.end():], re.M) is not None
 
 
 def format_kills(records: list[dict], seconds: float | None = None) -> str:
     lines = [f"fault injection, seed {SEED}" + (f", {seconds:.0f} s:" if seconds else ":")]
+    width = max([len(r["stage"]) for r in records if "stage" in r] + [14])
     for r in records:
-        where = f"delay {r['delay']:5.2f} s"
+        if "observed" in r:  # a fresh TYPICAL table, if the DAG or the machine changed
+            lines.append("  observed wall s: " + ", ".join(f"{k!r}: {v:.1f}" for k, v in r["observed"].items()))
+            continue
+        where = f"delay {r['delay']:5.2f} s of {r['expected']:5.2f}"
         if "at" in r:
             where += f", killed at {r['at']:5.2f} s, stage process {'alive' if r['stage_process_alive'] else 'gone'}"
         disk = ""
@@ -453,24 +569,11 @@ def format_kills(records: list[dict], seconds: float | None = None) -> str:
             disk += "; dvc status: " + ("stale" if r["stale_per_dvc"] else "up to date")
         if r.get("resumed"):
             disk += "; then `dvc repro -f -s`: resumed and finished"
-        lines.append(f"  {r['stage']:<14} {r['mode']:<10} {r['result']:<15} {where}{disk}")
+        lines.append(f"  {r['stage']:<{width}} {r['mode']:<10} {r['result']:<15} {where}{disk}")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- 2. a rank crashes
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun(stage: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), "-m", f"stages.{stage}", *args]
 
 
 def rank_pid(launcher: int, rank: int) -> int | None:
@@ -519,44 +622,46 @@ def names_failed_rank(output: str, rank: int) -> bool:
                      r"\(local_rank: \d+\)\n\s*exitcode\s*:\s*-9", output) is not None
 
 
+@pytest.mark.slow
 def test_a_killed_rank_fails_extract_and_publishes_no_partial_shard_set(full_repo, tmp_path):
     out = tmp_path / "features"
     args = ("--params", str(full_repo / "params.yaml"), "--images", str(full_repo / "data/images"),
             "--out", str(out), "--report", str(tmp_path / "extract.json"))
     # Rank 1 takes train shards 1 and 3: kill it while it writes the first.
-    rc, output = kill_rank_when(torchrun("extract", *args), tmp_path,
+    rc, output = kill_rank_when(stage_cmd("extract", *args, launcher=torchrun()), tmp_path,
                                 lambda: any(tmp_path.glob(".features.tmp-*/train-000001.tar")))
     assert rc != 0, output
     assert names_failed_rank(output, 1), output[-3000:]
     assert not out.exists() and not (tmp_path / "extract.json").exists()
 
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    sh(torchrun("extract", *args), tmp_path, env=env)
+    sh(stage_cmd("extract", *args, launcher=torchrun()), tmp_path, env=env)
     assert not list(tmp_path.glob(".features.tmp-*"))  # the killed run's temporary folder is gone
     # A clean run the same way (the thread count moves fp16 features by an ulp, so not full_repo's).
     clean = tmp_path / "clean"
-    sh(torchrun("extract", *args[:-4], "--out", str(clean), "--report", str(tmp_path / "clean.json")), tmp_path,
-       env=env)
+    sh(stage_cmd("extract", *args[:-4], "--out", str(clean), "--report", str(tmp_path / "clean.json"),
+                 launcher=torchrun()), tmp_path, env=env)
     assert not (problem := differs(out, clean)), problem
 
 
+@pytest.mark.slow
 def test_a_killed_rank_fails_sample_and_keeps_the_previous_output(full_repo, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text((full_repo / "params.yaml").read_text())
     update_params(params, {"sample": {"num_per_class": 10, "batch_size": 2}})  # 50 batches: time to kill rank 1
     out = tmp_path / "samples.parquet"
-    args = ("--params", str(params), "--model", str(full_repo / "models/gpt"), "--out", str(out))
+    args = ("--params", str(params), "--model", str(full_repo / "models/gpt/digit"), "--out", str(out))
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # (a busy CPU makes idle OpenMP threads spin)
-    sh([sys.executable, "-m", "stages.sample", *args], tmp_path, env=env)
+    sh(stage_cmd("sample", *args), tmp_path, env=env)
     clean = out.read_bytes()
-    rc, output = kill_rank_when(torchrun("sample", *args), tmp_path,
+    rc, output = kill_rank_when(stage_cmd("sample", *args, launcher=torchrun()), tmp_path,
                                 lambda: any(tmp_path.glob(".samples.parquet.tmp-*/part-00001.parquet")))
     assert rc != 0, output
     assert names_failed_rank(output, 1), output[-3000:]
     assert out.read_bytes() == clean  # the previous complete output, untouched
 
     out.unlink()
-    sh(torchrun("sample", *args), tmp_path, env=env)
+    sh(stage_cmd("sample", *args, launcher=torchrun()), tmp_path, env=env)
     assert out.read_bytes() == clean
     assert not list(tmp_path.glob(".samples.parquet.tmp-*"))
 
@@ -570,7 +675,7 @@ def stage_proc(stage: str, cwd: Path, *args: str, fsize: int | None = None) -> s
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run(stage_cmd(stage, *args), cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=limit if fsize else None,
                           timeout=300)
 
@@ -596,6 +701,7 @@ def test_file_size_limit_stops_prepare_with_the_path_and_leaves_nothing(tmp_path
     assert nothing_left(out.parent) == [] and not (tmp_path / "r" / "prepare.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["extract", "tokenize", "sample"])
 def test_file_size_limit_stops_extract_tokenize_and_sample(full_repo, tmp_path, stage):
     out = tmp_path / "out" / ("samples.parquet" if stage == "sample" else stage)
@@ -603,7 +709,7 @@ def test_file_size_limit_stops_extract_tokenize_and_sample(full_repo, tmp_path, 
     args = {"extract": ("--images", str(full_repo / "data/images"), *report),
             "tokenize": ("--features", str(full_repo / "data/features"), "--codebook",
                          str(full_repo / "models/codebook"), *report),
-            "sample": ("--model", str(full_repo / "models/gpt"))}[stage]
+            "sample": ("--model", str(full_repo / "models/gpt/digit"))}[stage]
     proc = stage_proc(stage, tmp_path, "--params", str(full_repo / "params.yaml"), *args, "--out", str(out),
                       fsize=512 if stage == "sample" else 4 << 10)  # 20 samples fit in 4 KiB
     expect_write_error(proc, out, "File too large")
@@ -639,7 +745,7 @@ def test_full_or_read_only_file_system(tmp_path, fs, reason):
     out = mnt / "data" / "images"
     mount = (f"mount -t tmpfs -o size=96k tmpfs {mnt}" if fs == "full"
              else f"mount --bind {mnt} {mnt} && mount -o remount,bind,ro {mnt}")
-    stage = f"{sys.executable} -m stages.prepare --out {out} --report {mnt}/prepare.json"
+    stage = shlex.join(stage_cmd("prepare", "--out", str(out), "--report", f"{mnt}/prepare.json"))
     # The listing is taken inside the namespace, before its file system goes away.
     script = f"{mount} && {{ {stage}; rc=$?; ls -AR {mnt} > {tmp_path}/listing; exit $rc; }}"
     proc = subprocess.run(["unshare", "-Urm", "sh", "-c", script], cwd=tmp_path, capture_output=True, text=True,

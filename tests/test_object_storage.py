@@ -3,26 +3,28 @@
 `pipe:cat <dir>/{}` stands in for object storage (`pipe:aws s3 cp s3://bucket/features/{} -`): the
 manifest and every shard go through the same opener as remote data would. Stages and library readers
 must give exactly what the local directory gives, and a URL that cannot be read must be one clear
-error naming it (exit status 2 from a stage).
+error naming it (exit status 2 from a stage). A training's checkpoint fingerprint must tell two
+URL-template inputs apart (by their manifest), as it tells two local folders apart by their bytes.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import expect_error, needs_fmnist, sh
+from conftest import ROOT, expect_error, needs_fmnist, sh
 from digit.errors import ConfigError
 from digit.shards import iter_samples, read_manifest, shard_location, shard_urls
 from digit.tokens import read_tokens
+from helpers import stage_cmd
 
 pytestmark = [needs_fmnist]
+slow = pytest.mark.slow  # the tests on tiny_repo: it runs `dvc repro tokenize`, and they run stages end to end
 
 
 def piped(directory: Path) -> str:
@@ -30,7 +32,7 @@ def piped(directory: Path) -> str:
 
 
 def stage(repo: Path, name: str, *args: str, check: bool = True):
-    return sh([sys.executable, "-m", f"stages.{name}", "--params", str(repo / "params.yaml"), *args], repo,
+    return sh(stage_cmd(name, "--params", str(repo / "params.yaml"), *args), repo,
               check=check, env={"PYTHONPATH": str(repo)}, timeout=300)
 
 
@@ -43,6 +45,7 @@ def test_templates_name_files_and_plain_paths_are_unchanged(tmp_path):
         read_manifest("pipe:cat /data/features")
 
 
+@slow
 def test_extract_from_piped_images_writes_the_same_features(tiny_repo, tmp_path):
     out = tmp_path / "features"
     stage(tiny_repo, "extract", "--images", piped(tiny_repo / "data" / "images"), "--out", str(out),
@@ -56,6 +59,7 @@ def test_extract_from_piped_images_writes_the_same_features(tiny_repo, tmp_path)
             assert (out / name).read_bytes() == (local / name).read_bytes(), name
 
 
+@slow
 def test_codebook_and_tokenize_from_piped_features_match_local(tiny_repo, tmp_path):
     features = piped(tiny_repo / "data" / "features")
     stage(tiny_repo, "codebook", "--features", features, "--out", str(tmp_path / "codebook"),
@@ -70,9 +74,11 @@ def test_codebook_and_tokenize_from_piped_features_match_local(tiny_repo, tmp_pa
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2] == want[2]
 
 
+@slow
 def test_library_readers_take_piped_images(tiny_repo):
     from digit.decoder import PairedImages
     from digit.stability import image_batches
+    from digit.vqgan import ImageBatches
 
     images = tiny_repo / "data" / "images"
     tokens = tiny_repo / "data" / "tokens" / "train.parquet"
@@ -82,12 +88,20 @@ def test_library_readers_take_piped_images(tiny_repo):
     assert len(pairs) == 200 // 16
     for (t1, i1), (t2, i2) in pairs:
         assert np.array_equal(t1, t2) and np.array_equal(i1, i2)
+    # The VQGAN's reader (the same windowed shard batches, without tokens).
+    local, remote = ImageBatches(images, "train"), ImageBatches(piped(images), "train")
+    assert remote.urls[0].startswith("pipe:cat ") and remote.counts == local.counts
+    assert remote.manifest == local.manifest
+    pairs = list(zip(local.batches(16, seed=0, epoch=1), remote.batches(16, seed=0, epoch=1), strict=True))
+    assert len(pairs) == local.epoch_length(16, seed=0, epoch=1) > 0
+    assert all(np.array_equal(a, b) for a, b in pairs)
     got = list(image_batches(piped(images), "val", 30, 8))
     want = list(image_batches(images, "val", 30, 8))
     assert [len(b) for b in got] == [8, 8, 8, 6]
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
+@slow
 def test_unreadable_urls_are_one_clear_error(tiny_repo, tmp_path):
     # The manifest cannot be read: the command fails, or the file is not there.
     proc = stage(tiny_repo, "extract", "--images", "pipe:false {}", "--out", str(tmp_path / "f"),
@@ -118,3 +132,18 @@ def test_unreadable_urls_are_one_clear_error(tiny_repo, tmp_path):
         shard_urls("pipe:false {}", "train")
     with pytest.raises(ConfigError, match=f"{partial.resolve()}/{gone}: cannot read this shard"):
         list(iter_samples(shard_urls(piped(partial), "train")))
+
+
+def test_a_piped_training_input_is_fingerprinted_by_its_manifest(tmp_path):
+    """A training resumes only a checkpoint of the same params, data and code: with images behind a URL
+    template, other images (another manifest) must give another checkpoint folder."""
+    from digit.trainer import run_fingerprint
+
+    for name, count in (("a", 64), ("b", 65)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({"splits": {"train": {"counts": [count]}}}))
+    entry = ROOT / "stages" / "train_vqgan.py"
+    local = [run_fingerprint({"seed": 0}, [tmp_path / name], entry) for name in ("a", "b")]
+    assert local[0] != local[1]  # local folders: their bytes
+    remote = [run_fingerprint({"seed": 0}, [piped(tmp_path / name)], entry) for name in ("a", "b")]
+    assert remote[0] != remote[1]
