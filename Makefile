@@ -68,6 +68,7 @@ bench: setup
 	$(PY) bench/inception.py
 	$(PY) bench/scale.py
 	$(PY) bench/render.py
+	$(PY) bench/precision.py
 
 # The tokenizer ablation: the default arm (DiGIT beside VQ tokens, every renderer) is the workspace
 # run; the controls are queued experiments with the same GPT/decoder budget and seeds, run one at a time.

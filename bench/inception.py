@@ -6,6 +6,8 @@ float64 to cpu, tqdm. Bare = torch-fidelity's extractor forward alone on
 ready uint8 [B, 3, 28, 28] tensors on the device. Both use the same weights
 (`--weights`, default the offline ones), batch size and device.
 Rounds alternate so machine noise hits both alike; the best round of each counts.
+On CPU it also times the extractor in the contiguous layout against the channels-last one
+InceptionFeatures uses, with the largest feature difference between them.
 
     python bench/inception.py [--images 16] [--batch-size 8] [--rounds 3] [--weights offline]
 """
@@ -68,6 +70,22 @@ def main() -> None:
     print(f"InceptionFeatures     : {best['pipeline']:8.2f} img/s   "
           f"(rounds: {', '.join(f'{v:.2f}' for v in results['pipeline'])})")
     print(f"ratio pipeline/bare   : {best['pipeline'] / best['bare']:.3f}   (expected ~1.0)")
+    if feats.device.type == "cpu":  # channels-last (InceptionFeatures' layout) vs a contiguous copy
+        import copy
+
+        contiguous = copy.deepcopy(feats.extractor).to(memory_format=torch.contiguous_format)
+        with torch.inference_mode():
+            contiguous(ready[0])
+            speed = {"contiguous": [], "channels_last": []}
+            for _ in range(args.rounds):
+                for name, model in (("contiguous", contiguous), ("channels_last", feats.extractor)):
+                    start = time.perf_counter()
+                    for x in ready:
+                        model(x)
+                    speed[name].append(args.images / (time.perf_counter() - start))
+            diff = max(float((contiguous(x)[0] - feats.extractor(x)[0]).abs().max()) for x in ready)
+        print(f"channels-last / contiguous: {max(speed['channels_last']):.2f} / {max(speed['contiguous']):.2f} img/s "
+              f"= {max(speed['channels_last']) / max(speed['contiguous']):.2f}x, max |feature difference| {diff:.2e}")
 
 
 if __name__ == "__main__":
