@@ -3,7 +3,7 @@
 The four models at the default params.yaml shapes (GPT, direct decoder with its PatchGAN,
 VQGAN with its PatchGAN, stage-2 AR), random inputs of the default batch, forward + loss +
 backward + AdamW step. Rounds alternate fp32 and bf16 so both see the same machine load.
-The ratio is why params.yaml trains in bf16 (and how much it buys per model).
+The ratio is why `precision: auto` trains in bf16 where the CPU has it (and how much it buys per model).
 
     python bench/precision.py [--steps 8]
 """
@@ -20,6 +20,7 @@ from digit.decoder import DecoderConfig, TokenDecoder
 from digit.gan import PatchDiscriminator, generator_loss
 from digit.gpt import GPT, GPTConfig
 from digit.params import load_params
+from digit.precision import native_bf16, unsupported
 from digit.stage2 import Stage2Config, build_stage2
 from digit.training import sequence_loss
 from digit.vqgan import VQGAN, VQGANConfig
@@ -76,6 +77,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
+    if not native_bf16("cpu"):  # `precision: auto` trains in fp32 here; an emulated bf16 step takes minutes
+        raise SystemExit(f"bench/precision.py: nothing to compare on this machine: {unsupported('bf16', 'cpu')}")
     for name, step in steps(load_params()).items():
         for bf16 in (False, True, False, True):  # warm-up, both precisions
             step(bf16)

@@ -24,6 +24,18 @@ from pathlib import Path
 RUNNING = re.compile(r"Running stage '([^']+)'")
 
 
+def machine() -> str:
+    """The CPU and whether it computes bf16 natively: `precision: auto` trains in fp32 where it does not."""
+    import torch
+
+    from digit.precision import native_bf16
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    return (f"{model}, {torch.backends.cpu.get_cpu_capability()}, "
+            f"{'bf16' if native_bf16('cpu') else 'no native bf16: trainers in fp32'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="reports/times.json")
@@ -52,7 +64,7 @@ def main() -> None:
     times["total"] = round(end - started, 1)
     if args.install_seconds is not None:
         times["install"] = round(args.install_seconds, 1)
-    times["measured"] = (f"{datetime.date.today().isoformat()}, {os.cpu_count()} CPU cores, "
+    times["measured"] = (f"{datetime.date.today().isoformat()}, {os.cpu_count()} CPU cores ({machine()}), "
                          f"`{' '.join(['dvc', 'repro', *args.dvc_args])}` in a fresh clone")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(times, indent=2) + "\n")

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from digit.precision import AUTOCAST, resolve_precision
 from digit.shards import ShardSink, batched, encode_npy, iter_samples
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @torch.inference_mode()
@@ -17,6 +16,7 @@ def encode_shard(encoder, url: str, out_dir: Path, split: str, index: int, batch
                  precision: str = "fp32") -> int:
     """Encode one image shard into the feature shard of the same index; return its sample count."""
     device = encoder.mean.device
+    precision = resolve_precision(precision, device)
     with ShardSink(out_dir, split, shard_size=10**12, start_index=index) as sink:
         for batch in batched(iter_samples([url]), batch_size):
             images = torch.from_numpy(np.stack([s["png"] for s in batch])).to(device)

@@ -47,7 +47,7 @@ def _names(types) -> str:
     return " or ".join(t.__name__ for t in types)
 
 
-PRECISIONS = ("no", "fp32", "bf16", "fp16")  # "no" (Accelerate's name) == "fp32"
+PRECISIONS = ("auto", "no", "fp32", "bf16", "fp16")  # "no" (Accelerate's name) == "fp32"; digit/precision.py
 # base.seed steps every stage seed by this much; section seeds stay below it, and the sum stays
 # below 2**31 (faiss and numpy's legacy seeding take 32-bit ints).
 SEED_STRIDE = 10**6
@@ -262,14 +262,12 @@ def validate(tree: dict) -> list[str]:
                    if isinstance(x, (int, float))):
             problems.append(f"stability.headline_snr: {flat['stability.headline_snr']} is not one of "
                             f"stability.snr_db {flat['stability.snr_db']}; pick one of them")
-        fp16 = [k for k in ("encoder.precision", "gpt.precision", "decoder.precision", "vqgan.precision",
-                            "stage2.precision")
-                if flat[k] == "fp16"]
-        if fp16:
-            import torch
+        asked = {k: flat[k] for k in ("encoder.precision", "gpt.precision", "decoder.precision", "vqgan.precision",
+                                      "stage2.precision") if flat[k] in ("bf16", "fp16")}
+        if asked:  # checked on this machine's device before anything heavy runs
+            from digit.precision import unsupported
 
-            if not torch.cuda.is_available():
-                problems += [f"{key}: fp16 needs a CUDA GPU; use bf16 or no on CPU" for key in fp16]
+            problems += [f"{key}: {why}" for key, value in asked.items() if (why := unsupported(value))]
         if flat["codebook.k"] > flat["codebook.max_points"]:
             problems.append(
                 f"codebook.k: {flat['codebook.k']} centroids need at least as many sampled "

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from digit.code import code_digest
 from digit.distributed import finish, make_accelerator
 from digit.errors import ConfigError, TrainingError
+from digit.precision import resolve_precision
 from digit.shards import read_manifest
 
 
@@ -80,11 +81,6 @@ class Progress:
         self.step = int(state["step"])
 
 
-def mixed_precision(precision: str) -> str:
-    """A params precision (no | fp32 | bf16 | fp16) as Accelerate's mixed_precision."""
-    return "no" if precision == "fp32" else precision
-
-
 class Trainer:
     """One training run of stage `name` with the section params `cfg` (seed already resolved).
 
@@ -99,12 +95,15 @@ class Trainer:
     def __init__(self, name: str, cfg: dict, *, live: str | Path, checkpoints: str | Path,
                  inputs: Sequence[str | Path], entry: str | Path, grad_accum: int = 1):
         self.name, self.cfg, self.live = name, cfg, Path(live)
-        self.accelerator = make_accelerator(mixed_precision=mixed_precision(cfg["precision"]),
+        self.precision = resolve_precision(cfg["precision"])  # auto -> bf16 where native, else no
+        self.accelerator = make_accelerator(mixed_precision=self.precision,
                                             gradient_accumulation_steps=grad_accum, log_with="dvclive")
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.device = self.accelerator.device
         set_seed(cfg["seed"])
-        self.ckpt_root = Path(checkpoints) / f"{name}-{run_fingerprint(cfg, inputs, entry)}"
+        # The resolved precision, not `auto`: a checkpoint is never resumed at another precision.
+        fingerprint = run_fingerprint({**cfg, "precision": self.precision}, inputs, entry)
+        self.ckpt_root = Path(checkpoints) / f"{name}-{fingerprint}"
         self.progress = Progress()
         self.resumed = False
 
@@ -134,8 +133,8 @@ class Trainer:
             raise ConfigError(f"{self.name}: an epoch of the training data holds no full batch of batch_size x "
                               f"{self.world} process(es); lower the stage's batch_size (or raise its shuffle_shards)")
         epoch, skip = 0, start
-        while skip >= epoch_length(epoch):
-            skip -= epoch_length(epoch)
+        while skip >= (length := epoch_length(epoch)):  # each length costs a shuffle: compute it once
+            skip -= length
             epoch += 1
         while True:
             yield from epoch_batches(epoch, skip)
@@ -170,7 +169,9 @@ class Trainer:
         """write(live) on the main process (outputs and summary), then drop the checkpoints and stop every rank."""
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            write(self.accelerator.get_tracker("dvclive").tracker)
+            live = self.accelerator.get_tracker("dvclive").tracker
+            live.summary["precision"] = self.precision  # how it was made: `auto` resolved on this machine
+            write(live)
             shutil.rmtree(self.ckpt_root, ignore_errors=True)  # finished: nothing to resume
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()  # writes the DVCLive summary; also tears down the process group

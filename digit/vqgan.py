@@ -42,8 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from digit.artifact import load_weights, read_artifact, save_artifact
-from digit.shards import WindowedShards
 from digit.errors import ConfigError
+from digit.shards import WindowedShards, iter_samples, read_manifest, shard_urls
 
 
 
@@ -353,8 +353,6 @@ class ImageBatches(WindowedShards):
     """
 
     def __init__(self, images: str | Path, split: str, window: int = 4):
-        from digit.shards import read_manifest, shard_urls
-
         self.manifest = manifest = read_manifest(images)  # identifies the data (checkpoint fingerprints)
         self.urls = shard_urls(images, split)
         self.counts = manifest["splits"][split]["counts"]
@@ -363,8 +361,6 @@ class ImageBatches(WindowedShards):
         self.window = window
 
     def shard(self, index: int) -> np.ndarray:
-        from digit.shards import iter_samples
-
         return np.stack([s["png"] for s in iter_samples([self.urls[index]])])
 
     def parts(self, index: int) -> tuple[np.ndarray]:

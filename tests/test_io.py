@@ -57,12 +57,31 @@ def test_params_cross_field_rule_k_vs_max_points(tmp_path):
     assert len(problems) == 1 and problems[0].startswith("codebook.k: 1000 centroids")
 
 
+def test_precision_auto_resolves_per_device_and_bf16_is_refused_where_emulated(monkeypatch):
+    """`auto` is bf16 only where the hardware has it; an explicit bf16 on a CPU that emulates it
+    (about 100x slower than fp32 on AVX2) is refused by the params check, naming the key and the fix."""
+    import digit.precision as precision
+
+    monkeypatch.setattr(precision, "_native_bf16", lambda device_type: False)
+    assert precision.resolve_precision("auto", "cpu") == "no" and precision.resolve_precision("fp32") == "no"
+    params = default_params()
+    params["gpt"]["precision"] = "bf16"
+    if not torch.cuda.is_available():
+        (problem,) = validate(params)
+        assert problem.startswith("gpt.precision: bf16 is emulated in software") and "use auto" in problem
+    monkeypatch.setattr(precision, "_native_bf16", lambda device_type: True)
+    assert precision.resolve_precision("auto", "cpu") == "bf16" and validate(params) == []
+    params["vqgan"]["precision"] = "fp16"
+    if not torch.cuda.is_available():
+        assert validate(params) == ["vqgan.precision: fp16 needs a CUDA GPU; use auto or no"]
+
+
 def test_params_read_as_dvc_writes_them(tmp_path):
     """`dvc exp run -S` rewrites params.yaml as YAML 1.2: `precision: "no"` becomes `precision: no`."""
     text = (ROOT / "params.yaml").read_text()
-    assert text.count("precision: bf16 ") == 3 and text.count('precision: "no" ') == 1  # gpt/vqgan/stage2, decoder
-    # as after `dvc exp run -S gpt.precision=no ...`: bf16 keys set to no, and the quoted "no" written bare
-    text = text.replace("precision: bf16 ", "precision: no ").replace('precision: "no" ', "precision: no ")
+    assert text.count("precision: auto ") == 3 and text.count('precision: "no" ') == 1  # gpt/vqgan/stage2, decoder
+    # as after `dvc exp run -S gpt.precision=no ...`: auto keys set to no, and the quoted "no" written bare
+    text = text.replace("precision: auto ", "precision: no ").replace('precision: "no" ', "precision: no ")
     assert text.count("precision: no ") == 4
     path = tmp_path / "params.yaml"
     path.write_text(text)
