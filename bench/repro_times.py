@@ -47,7 +47,8 @@ def main() -> None:
     times: dict[str, float] = {}
     current, since = None, started
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+                            env={**os.environ, "DVC_NO_ANALYTICS": "1",  # stage commands call `python`: this one
+                                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
     for line in proc.stdout:
         sys.stdout.write(line)
         match = RUNNING.search(line)
