@@ -1,0 +1,63 @@
+"""digit/cost.py: FLOPs counted on the meta device, bytes and time for every stage of the DAG."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import ROOT
+from digit import cost
+from digit.params import load_params
+from digit.preset import load_preset
+from helpers import dvc_stages
+
+
+def test_every_stage_of_the_dag_has_a_cost():
+    """A stage added to dvc.yaml without a cost model fails here (the model would under-count the run)."""
+    names = [c.stage for c in cost.stage_costs(load_params(ROOT / "params.yaml"))]
+    assert sorted(names) == sorted(s.name for s in dvc_stages(ROOT))
+
+
+def test_gpt_counts_follow_the_transformer_rule():
+    """Backward is two forwards, and a forward is at least 2 x matmul parameters x tokens (plus attention)."""
+    p = load_params(ROOT / "params.yaml")
+    train, forward, params = cost.gpt_flops(p, vocab=512, positions=49, classes=10)
+    assert train == pytest.approx(3 * forward, rel=0.02)
+    g = p["gpt"]
+    matmul_params = g["n_layer"] * 12 * g["n_embd"] ** 2 + g["n_embd"] * 512  # blocks + head, no embeddings
+    assert 2 * matmul_params * 49 <= forward <= 1.3 * 2 * matmul_params * 49
+    assert params > matmul_params
+
+
+def test_counting_leaves_real_tensors_alone():
+    """count_flops lets meta tensors pass value checks; real tensors keep their values afterwards too."""
+    x = torch.tensor([3])
+    assert cost.count_flops(lambda: torch.ones(4, 5) @ torch.ones(5, 6)) == 2 * 4 * 5 * 6
+    assert int(x) == 3 and bool(torch.tensor([0])) is False
+
+
+@pytest.mark.parametrize("launcher, world", [("python", 1), ("accelerate launch --multi_gpu --num_processes 8", 8),
+                                             ("torchrun --standalone --nproc_per_node=4", 4)])
+def test_world_size_from_the_launcher(launcher, world):
+    assert cost.world_size(launcher) == world
+
+
+def test_imagenet_base_features_exceed_the_dataset_as_the_issue_measured():
+    """At the paper preset, `extract` writes 16 x 16 x 768 float16 per image: about 524 GB for ImageNet-1k
+    train + val, the storage problem this model exists to show before anyone rents GPUs."""
+    costs = {c.stage: c for c in cost.stage_costs(load_preset("imagenet-digit-base"))}
+    assert costs["extract"].bytes == 1_331_167 * 16 * 16 * 768 * 2
+    assert costs["train@digit"].precision == "bf16" and costs["train_stage2@ar"].precision == "fp32"
+    assert costs["train@digit"].flops > 1e19
+
+
+def test_cli_json_on_this_cpu(capsys, monkeypatch):
+    monkeypatch.setattr(cost, "matmul_peak", lambda dtype, **kw: 1e11)
+    monkeypatch.setattr("sys.argv", ["digit.cost", "--here", "--json", "--params", str(ROOT / "params.yaml")])
+    cost.main()
+    out = json.loads(capsys.readouterr().out)
+    assert out["devices"] == 1 and out["peaks_flops"]["fp32"] == 1e11
+    train = next(s for s in out["stages"] if s["stage"] == "train@digit")
+    assert train["seconds"] == pytest.approx(train["flops"] / (1e11 * 0.4))
