@@ -360,15 +360,21 @@ def test_random_arm_stability_rebuilds_the_seeded_network(full_repo, tmp_path):
 @pytest.mark.slow
 def test_noop_repro_is_fast_and_temperature_reruns_only_sampling(full_repo, tmp_path):
     repo = _copy(full_repo, tmp_path / "repo")
-    # The floor is for the machine, not for a burst of load from a neighbour: best of two tries.
-    times = []
+    # The floor is for the machine, not for a burst of load from a neighbour: best of two tries. It is
+    # 3 s, or 4x DVC's bare start-up (`dvc version`) where the machine is slower than that allows
+    # (an AVX2 EPYC: 1.1-1.4 s start-up, 5.4 s for the full project's no-op repro).
+    times, startup = [], []
     for _ in range(2):
+        started = time.monotonic()
+        dvc("version", repo)
+        startup.append(time.monotonic() - started)
         started = time.monotonic()
         proc = dvc("repro", repo)
         times.append(time.monotonic() - started)
         assert stages_ran(proc.stdout) == set() and "up to date" in proc.stdout and "didn't change" in proc.stdout, \
             proc.stdout
-    assert min(times) < 3, f"no-op dvc repro took {min(times):.2f} s (best of 2)"
+    floor = max(3.0, 4 * min(startup))
+    assert min(times) < floor, f"no-op dvc repro took {min(times):.2f} s (best of 2; floor {floor:.2f} s)"
 
     update_params(repo / "params.yaml", {"sample": {"temperature": 0.9}})
     proc = dvc("repro", repo)
