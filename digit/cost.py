@@ -36,6 +36,7 @@ from digit.cli import run
 from digit.errors import ConfigError
 from digit.params import load_params
 from digit.precision import native_bf16
+from digit.report import duration
 
 INCEPTION_FLOPS = 2 * 5.72e9           # Inception-v3 forward at 299 px (Szegedy et al. 2016): 5.72 G MACs
 INCEPTION_FEATURE_BYTES = 2048 * 4     # one pool3 vector as cached by `reference` (float32)
@@ -305,10 +306,10 @@ def main() -> None:
     print(f"{name}: {where}, at {args.utilisation:.0%} of the peak")
     print(f"{'stage':18s} {'FLOPs':>10s} {'written':>10s} {'time':>10s}  {'prec':4s}  counted")
     for c, t in zip(costs, seconds):
-        print(f"{c.stage:18s} {c.flops:10.3g} {human_bytes(c.bytes):>10s} {human_time(t):>10s}  {c.precision:4s}  "
+        print(f"{c.stage:18s} {c.flops:10.3g} {human_bytes(c.bytes):>10s} {duration(t):>10s}  {c.precision:4s}  "
               f"{c.counted}")
     print(f"{'total':18s} {sum(c.flops for c in costs):10.3g} {human_bytes(sum(c.bytes for c in costs)):>10s} "
-          f"{human_time(sum(seconds)):>10s}")
+          f"{duration(sum(seconds)):>10s}")
 
 
 def human_bytes(n: float) -> str:
@@ -317,10 +318,6 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return ""
-
-
-def human_time(s: float) -> str:
-    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 if __name__ == "__main__":
