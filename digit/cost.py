@@ -101,14 +101,14 @@ def split_sizes(p: dict) -> tuple[int, int]:
 # ----------------------------------------------------------------- per-network counts (meta device)
 def encoder_geometry_and_flops(p: dict) -> tuple[tuple[int, int], int, float]:
     """(grid, feature dim, forward FLOPs per image) of the extract encoder at encoder.img_size."""
-    from digit.encoders import PIXELS, _meta_model, _resolve
+    from digit.encoders import PIXELS, encoder_geometry, meta_model
 
     e = p["encoder"]
     # The architecture alone ("none"): FLOPs do not depend on the weights, which may not be here.
-    geo = _resolve(e["name"], "none", e["layer"], e["img_size"], e["patch_size"])
+    geo = encoder_geometry(e["name"], "none", e["layer"], e["img_size"], e["patch_size"])
     if e["name"] == PIXELS:
         return tuple(geo["grid"]), geo["dim"], 0.0
-    model = _meta_model(e["name"], e["img_size"])
+    model = meta_model(e["name"], e["img_size"])
     x = torch.empty(1, 3, e["img_size"], e["img_size"], device="meta")
     flops = count_flops(lambda: model.forward_intermediates(x, indices=[geo["index"]], intermediates_only=True,
                                                             stop_early=True))

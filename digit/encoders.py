@@ -53,7 +53,7 @@ WEIGHT_SOURCES = ("package", "hub", "none")
 
 
 # ----------------------------------------------------------------- validation
-def _meta_model(name: str, img_size: int | None = None) -> torch.nn.Module:
+def meta_model(name: str, img_size: int | None = None) -> torch.nn.Module:
     """The architecture without memory or init cost (meta device), for cheap shape checks."""
     with torch.device("meta"):
         model = timm.create_model(name, pretrained=False)
@@ -110,12 +110,13 @@ def _resolve_pixels(weights: str, img_size: int, patch_size: int) -> dict:
             "fixed_size": False}
 
 
-def _resolve(name: str, weights: str, layer: int, img_size: int, patch_size: int = 16) -> dict:
-    """Validate everything cheaply (meta-device model, no weights); return the geometry."""
+def encoder_geometry(name: str, weights: str, layer: int, img_size: int, patch_size: int = 16) -> dict:
+    """Validate everything cheaply (meta-device model, no weights); return the geometry:
+    {"index", "stride", "grid", "dim", "fixed_size"}. digit.cost and the preset tests read it too."""
     if name == PIXELS:
         return _resolve_pixels(weights, img_size, patch_size)
     _check_name(name)
-    model = _meta_model(name)
+    model = meta_model(name)
     _check_weights(name, weights, model)
     if not hasattr(model, "forward_intermediates"):
         raise ConfigError(f"encoder.name={name!r} has no forward_intermediates in timm; pick another model")
@@ -138,7 +139,7 @@ def _resolve(name: str, weights: str, layer: int, img_size: int, patch_size: int
         )
     fixed = bool(model.pretrained_cfg.get("fixed_input_size"))
     with torch.device("meta"):  # output shape without compute
-        (feat,) = _meta_model(name, img_size).forward_intermediates(
+        (feat,) = meta_model(name, img_size).forward_intermediates(
             torch.empty(1, 3, img_size, img_size), indices=[index], intermediates_only=True
         )
     _, dim, gh, gw = feat.shape
@@ -147,7 +148,7 @@ def _resolve(name: str, weights: str, layer: int, img_size: int, patch_size: int
 
 def validate_encoder(name: str, weights: str, layer: int, img_size: int, patch_size: int = 16) -> None:
     """Raise ConfigError naming the bad `encoder.*` key before any heavy work."""
-    _resolve(name, weights, layer, img_size, patch_size)
+    encoder_geometry(name, weights, layer, img_size, patch_size)
 
 
 # ----------------------------------------------------------------- building
@@ -233,7 +234,7 @@ def build_encoder(name: str, weights: str, layer: int, img_size: int, patch_size
 
     `patch_size` is read only by name "pixels", `seed` only by weights "none".
     """
-    geo = _resolve(name, weights, layer, img_size, patch_size)
+    geo = encoder_geometry(name, weights, layer, img_size, patch_size)
     if name == PIXELS:
         return PixelPatches(None, name, weights, layer, img_size, geo)
     kw = {"img_size": img_size} if geo["fixed_size"] else {}

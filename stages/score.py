@@ -5,7 +5,9 @@ data/renders/<renderer>/ against the cached val reference set; IS only when the 
 weights have their classifier (the offline weights do not: `isc_mean` is then null and
 `isc_unavailable` says why). `fid_floor` is the FID of real train images (same count and
 class mix as the samples, from data/reference/train.npz) against the same reference: what
-a perfect generator would score at this sample size.
+a perfect generator would score at this sample size. `--ceiling` names the renderer's own
+training report (dvc.yaml `vars.renderers.<r>.ceiling`): its rFID/PSNR/SSIM on real val tokens are
+copied beside the sample scores, so `evaluate` needs no renderer list of its own.
 """
 
 from __future__ import annotations
@@ -51,13 +53,28 @@ def floor_subset(pool: dict, labels: np.ndarray) -> dict:
     return {k: (v[index] if v is not None else None) for k, v in pool.items()}
 
 
+def read_ceiling(path: Path) -> dict:
+    """The renderer's reconstruction of real val tokens (its ceiling): rfid, psnr, ssim."""
+    if not path.is_file():
+        raise ConfigError(f"--ceiling {path}: missing; run `dvc repro` for the stage that trains this renderer")
+    report = json.loads(path.read_text())
+    missing = [k for k in ("rfid", "psnr", "ssim") if k not in report]
+    if missing:
+        raise ConfigError(f"--ceiling {path}: has no {', '.join(missing)}; it must be a renderer's training report "
+                          "(reports/decoder.json, reports/stage2_<kind>.json or reports/vqgan.json)")
+    return {k: report[k] for k in ("rfid", "psnr", "ssim")}
+
+
 def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--samples", default="data/renders/direct")
     parser.add_argument("--reference", default="data/reference")
     parser.add_argument("--report", default="reports/score/direct.json")
+    parser.add_argument("--ceiling", default="reports/decoder.json",
+                        help="the renderer's training report (rFID/PSNR/SSIM of real val tokens rendered)")
     args = parser.parse_args()
     cfg = load_params(args.params)["evaluate"]
+    ceiling = read_ceiling(Path(args.ceiling))
     extractor = InceptionFeatures(cfg["inception_weights"])  # resolves and checks the weights first
     reference = load_features(Path(args.reference) / "val.npz")
     pool = load_features(Path(args.reference) / "train.npz")
@@ -72,6 +89,7 @@ def main() -> None:
         "fid_floor": floor_scores["fid"], "kid_floor": floor_scores["kid_mean"],
         "isc_mean": scores["isc_mean"], "isc_std": scores["isc_std"],
         "num_samples": int(len(images)), "num_reference": int(len(reference["pool"])),
+        "ceiling": ceiling,
     }
     if scores["isc_mean"] is None:
         report["isc_unavailable"] = scores["isc_unavailable_reason"]

@@ -14,7 +14,7 @@ import yaml
 
 from conftest import ROOT, sh
 from digit import params as schema
-from digit.encoders import _resolve
+from digit.encoders import encoder_geometry
 from digit.errors import ConfigError
 from digit.gpt import GPT, GPTConfig
 from digit.params import Yaml12Loader, _flatten, validate
@@ -80,7 +80,7 @@ def test_a_bad_overlay_gets_every_problem_naming_its_file(tmp_path):
 def test_imagenet_presets_build_the_paper_shapes(name, grid, dim, k, layers, width, params_m):
     p = load_preset(name)
     enc = p["encoder"]
-    geo = _resolve(enc["name"], "none", enc["layer"], enc["img_size"])  # meta device: shapes only, no weights
+    geo = encoder_geometry(enc["name"], "none", enc["layer"], enc["img_size"])  # meta device: shapes only, no weights
     assert geo["grid"] == grid and geo["dim"] == dim and geo["stride"] == 14
     assert p["codebook"]["k"] == k and p["sample"]["top_k"] == 200 and p["sample"]["num_per_class"] * 1000 == 50_000
     assert p["vqgan"]["grid"] == grid[0] and p["data"]["image_size"] % grid[0] == 0
