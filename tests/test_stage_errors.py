@@ -130,3 +130,14 @@ def test_logging_stage_in_a_git_repo_without_commits_says_how_to_fix(tmp_path):
     proc = sh([sys.executable, "-m", "stages.decode", "--tokens", str(tmp_path / "none.parquet")], tmp_path,
               check=False, env={"PYTHONPATH": str(ROOT)})
     expect_error(proc, "no commit yet", "git add -A && git commit")
+
+
+def test_score_names_a_missing_or_wrong_ceiling_report_before_inception(tmp_path):
+    args = ["--samples", str(tmp_path / "renders"), "--reference", str(tmp_path / "ref"),
+            "--report", str(tmp_path / "score.json")]
+    proc = run_stage(tmp_path, "score", {}, *args, "--ceiling", str(tmp_path / "decoder.json"))
+    expect_error(proc, "--ceiling", "decoder.json", "missing")
+    (tmp_path / "probe.json").write_text(json.dumps({"best_val_top1": 0.9}))
+    proc = run_stage(tmp_path, "score", {}, *args, "--ceiling", str(tmp_path / "probe.json"))
+    expect_error(proc, "--ceiling", "rfid, psnr, ssim", "training report")
+    assert not (tmp_path / "score.json").exists()
