@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, _merge, expect_error, sh, update_params
+from conftest import ROOT, TINY, _merge, expect_error, run_module, sh, update_params
 from digit.tokens import TokenWriter, token_schema
 from helpers import kill_after_checkpoint, stage_cmd, torchrun
 
@@ -41,14 +41,34 @@ def write_tokens(path: Path, n: int, seed: int, vocab: int = K, hi: int = K) -> 
     writer.close()
 
 
+def make_work(root: Path) -> Path:
+    """A folder with tiny class-structured token files and TINY + TINY_GPT params."""
+    (root / "data" / "tokens").mkdir(parents=True)
+    write_tokens(root / "data" / "tokens" / "train.parquet", 192, 0)
+    write_tokens(root / "data" / "tokens" / "val.parquet", 48, 1)
+    (root / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    update_params(root / "params.yaml", _merge(TINY, TINY_GPT))
+    return root
+
+
 @pytest.fixture
 def work(tmp_path) -> Path:
-    (tmp_path / "data" / "tokens").mkdir(parents=True)
-    write_tokens(tmp_path / "data" / "tokens" / "train.parquet", 192, 0)
-    write_tokens(tmp_path / "data" / "tokens" / "val.parquet", 48, 1)
-    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    update_params(tmp_path / "params.yaml", _merge(TINY, TINY_GPT))
-    return tmp_path
+    return make_work(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """`work` after one uninterrupted `train` run: shared read-only by the tests that need a finished model."""
+    root = make_work(tmp_path_factory.mktemp("trained"))
+    stage("train", root, *TRAIN_ARGS)
+    return root
+
+
+@pytest.fixture
+def trained_copy(trained, tmp_path) -> Path:
+    """A private copy of `trained`, for tests that write next to the model."""
+    sh(f"cp -a {trained} {tmp_path / 'work'}", tmp_path)
+    return tmp_path / "work"
 
 
 ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -65,8 +85,8 @@ def weights(work: Path) -> dict:
     return load_file(work / "models" / "gpt" / "model.safetensors")
 
 
-def test_train_logs_metrics_and_beats_unigram(work):
-    stage("train", work, *TRAIN_ARGS)
+def test_train_logs_metrics_and_beats_unigram(trained):
+    work = trained
     metrics = json.loads((work / "reports" / "train" / "metrics.json").read_text())
     assert metrics["step"] == 12
     assert metrics["val"]["loss"] < metrics["unigram"]["val_ce"]
@@ -82,8 +102,8 @@ def test_train_logs_metrics_and_beats_unigram(work):
     assert not any((work / "ck").iterdir())  # finished: checkpoints removed
 
 
-def test_killed_run_resumes_to_the_same_weights(work, tmp_path_factory):
-    stage("train", work, *TRAIN_ARGS)
+def test_killed_run_resumes_to_the_same_weights(trained, tmp_path_factory):
+    work = trained  # the uninterrupted run
     reference = weights(work)
     ref_metrics = json.loads((work / "reports" / "train" / "metrics.json").read_text())
 
@@ -141,8 +161,8 @@ def test_two_process_training_runs_and_loss_goes_down(work):
     assert loss.iloc[-3:].mean() < loss.iloc[:3].mean() - 0.3
 
 
-def test_sample_one_and_two_processes_give_the_same_complete_set(work):
-    stage("train", work, *TRAIN_ARGS)
+def test_sample_one_and_two_processes_give_the_same_complete_set(trained_copy):
+    work = trained_copy
     stage("sample", work, "--model", "models/gpt", "--out", "s1.parquet")
     stage("sample", work, "--model", "models/gpt", "--out", "s2.parquet", launcher=torchrun(2))
     one, two = pd.read_parquet(work / "s1.parquet"), pd.read_parquet(work / "s2.parquet")
@@ -155,8 +175,8 @@ def test_sample_one_and_two_processes_give_the_same_complete_set(work):
     assert meta["grid"] == list(GRID) and meta["sampling"]["seed"] == 0 and meta["sampling"]["num_per_class"] == 5
 
 
-def test_probe_reports_every_layer(work):
-    stage("train", work, *TRAIN_ARGS)
+def test_probe_reports_every_layer(trained_copy):
+    work = trained_copy
     stage("probe", work, "--model", "models/gpt", "--tokens", "data/tokens", "--report", "probe.json",
           "--live", "probe")
     report = json.loads((work / "probe.json").read_text())
@@ -167,7 +187,7 @@ def test_probe_reports_every_layer(work):
 
 def test_tokens_beyond_vocab_are_rejected(work):
     write_tokens(work / "data" / "tokens" / "train.parquet", 64, 0, vocab=16, hi=K)
-    expect_error(stage("train", work, *TRAIN_ARGS, check=False), "train.parquet", "vocabulary has 16 codes")
+    expect_error(run_module("stages.train", *TRAIN_ARGS, cwd=work), "train.parquet", "vocabulary has 16 codes")
 
 
 @pytest.mark.parametrize("changes, fragment", [
@@ -177,4 +197,4 @@ def test_tokens_beyond_vocab_are_rejected(work):
 ])
 def test_bad_sampling_params(work, changes, fragment):
     update_params(work / "params.yaml", {"sample": changes})
-    expect_error(stage("sample", work, "--model", "models/gpt", check=False), fragment)
+    expect_error(run_module("stages.sample", "--model", "models/gpt", cwd=work), fragment)

@@ -16,7 +16,7 @@ from conftest import expect_error, needs_fmnist, sh
 from digit.stage2 import Stage2Config, build_stage2, save_stage2
 from digit.tokens import TokenWriter, read_metadata, read_tokens, token_schema
 from helpers import kill_after_checkpoint, stage_cmd
-from test_full_dag import RENDERERS, params_file, repro_after_param_change, stage
+from test_full_dag import RENDERERS, params_file, refusal, repro_after_param_change, stage
 
 pytestmark = [needs_fmnist, pytest.mark.slow]
 
@@ -144,17 +144,17 @@ def test_bad_stage2_inputs_fail_early_and_clearly(full_repo, tmp_path):
             writer.close()
 
     write_vq(tmp_path / "vq14", (14, 14))
-    expect_error(stage(full_repo, "train_stage2", *outs, "--vq-tokens", str(tmp_path / "vq14")),
+    expect_error(refusal(full_repo, "train_stage2", *outs, "--vq-tokens", str(tmp_path / "vq14")),
                  "the VQ grid is 14x14 but the DiGIT grid is 7x7", "vqgan.grid: 7")
     write_vq(tmp_path / "shuffled", (7, 7), reverse=True)
-    expect_error(stage(full_repo, "train_stage2", *outs, "--vq-tokens", str(tmp_path / "shuffled")),
+    expect_error(refusal(full_repo, "train_stage2", *outs, "--vq-tokens", str(tmp_path / "shuffled")),
                  "do not list the same images in the same order")
-    expect_error(stage(full_repo, "train_stage2", *outs, params={"stage2": {"batch_size": 500}}),
+    expect_error(refusal(full_repo, "train_stage2", *outs, params={"stage2": {"batch_size": 500}}),
                  "stage2.batch_size: 500 is more than the 200 train pairs")
-    expect_error(stage(full_repo, "train_stage2", *outs, "--tokens", "data/vq_tokens"),
+    expect_error(refusal(full_repo, "train_stage2", *outs, "--tokens", "data/vq_tokens"),
                  "stage 2 maps DiGIT tokens", "they hold vq and vq tokens")
     # The two token folders swapped.
-    expect_error(stage(full_repo, "train_stage2", *outs, "--tokens", "data/vq_tokens", "--vq-tokens", "data/tokens"),
+    expect_error(refusal(full_repo, "train_stage2", *outs, "--tokens", "data/vq_tokens", "--vq-tokens", "data/tokens"),
                  "stage 2 maps DiGIT tokens", "they hold vq and discriminative tokens",
                  "pass data/tokens and data/vq_tokens")
     assert not any((tmp_path / name).exists() for name in ("s2", "live", "s2.json", "ck"))
@@ -166,19 +166,19 @@ def test_bad_stage2_inputs_fail_early_and_clearly(full_repo, tmp_path):
                    "--live", str(tmp_path / "dlive"), "--report", str(tmp_path / "d.json")]
     digit_samples = ["--tokens", "data/samples/digit/tokens.parquet"]
     vq_samples = ["--tokens", "data/samples/vq/tokens.parquet"]
-    expect_error(stage(full_repo, "decode", *digit_samples, "--renderer", "stage2_ar", "--model", str(tmp_path / "other"),
+    expect_error(refusal(full_repo, "decode", *digit_samples, "--renderer", "stage2_ar", "--model", str(tmp_path / "other"),
                        *decode_outs),
                  "trained for a DiGIT codebook of 64 codes, the tokens have 32")
-    expect_error(stage(full_repo, "decode", *digit_samples, "--renderer", "stage2_nar", "--model", "models/stage2_ar",
+    expect_error(refusal(full_repo, "decode", *digit_samples, "--renderer", "stage2_nar", "--model", "models/stage2_ar",
                        *decode_outs),
                  "holds a stage-2 ar model, the renderer is stage2_nar", "train_stage2@nar")
 
     # Each renderer takes its tokenizer's tokens: VQ samples are the VQGAN's, DiGIT samples the others'.
     for renderer, model in (("direct", "models/decoder"), ("stage2_ar", "models/stage2_ar"),
                             ("stage2_nar", "models/stage2_ar")):
-        expect_error(stage(full_repo, "decode", *vq_samples, "--renderer", renderer, "--model", model, *decode_outs),
+        expect_error(refusal(full_repo, "decode", *vq_samples, "--renderer", renderer, "--model", model, *decode_outs),
                      f"the {renderer} renderer cannot render vq tokens", "VQ tokens go to the VQGAN")
-    expect_error(stage(full_repo, "decode", *digit_samples, "--renderer", "vqgan", "--model", "models/vqgan",
+    expect_error(refusal(full_repo, "decode", *digit_samples, "--renderer", "vqgan", "--model", "models/vqgan",
                        *decode_outs),
                  "the vqgan renderer cannot render discriminative tokens")
     assert not any((tmp_path / name).exists() for name in ("png", "grid.png", "dlive", "d.json"))

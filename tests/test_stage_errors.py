@@ -10,13 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, TINY, _merge, expect_error, sh, update_params
+from conftest import ROOT, TINY, _merge, expect_error, run_module, sh, update_params
 
 
-def run_stage(tmp_path: Path, stage: str, changes: dict, *args, env: dict | None = None):
+def run_stage(tmp_path: Path, stage: str, changes: dict, *args, env: dict | None = None, refuses: bool = True):
+    """Run a stage on TINY params + `changes`: in this process where it is expected to refuse (conftest.run_module),
+    as a `python -m` process where it is expected to work."""
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
     update_params(params, _merge(TINY, changes))
+    if refuses:
+        return run_module(f"stages.{stage}", "--params", str(params), *args, cwd=tmp_path, env=env)
     return sh([sys.executable, "-m", f"stages.{stage}", "--params", str(params), *args],
               tmp_path, check=False, env={"PYTHONPATH": str(ROOT), **(env or {})})
 
@@ -31,7 +35,7 @@ def image_shards(tmp_path_factory):
             Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(root / "src" / c / f"{i}.png")
     proc = run_stage(root, "prepare", {"data": {"source": "imagefolder", "root": str(root / "src"), "val_size": 2,
                                                 "train_size": 0, "image_size": 28}}, "--out", str(root / "images"),
-                     "--report", str(root / "prepare.json"))
+                     "--report", str(root / "prepare.json"), refuses=False)
     assert proc.returncode == 0, proc.stderr
     return root / "images"
 
@@ -53,7 +57,7 @@ def test_extract_bad_encoder_params(tmp_path, image_shards, changes, fragments):
 def test_codebook_k_larger_than_sampled_features(tmp_path, image_shards):
     features = tmp_path / "features"
     proc = run_stage(tmp_path, "extract", {}, "--images", str(image_shards), "--out", str(features),
-                     "--report", str(tmp_path / "e.json"))
+                     "--report", str(tmp_path / "e.json"), refuses=False)
     assert proc.returncode == 0, proc.stderr
     # 6 train images x 49 patches = 294 features < k=500 (max_points 4000 passes the schema).
     proc = run_stage(tmp_path, "codebook", {"codebook": {"k": 500}}, "--features", str(features),
@@ -101,7 +105,7 @@ def test_imagefolder_skip_counts_bad_files_and_fail_names_the_first(tmp_path):
     make_messy_tree(src)
     data = {"source": "imagefolder", "root": str(src), "train_size": 0, "val_size": 4, "image_size": 24}
     proc = run_stage(tmp_path, "prepare", {"data": {**data, "on_bad_image": "skip"}},
-                     "--out", str(tmp_path / "images"), "--report", str(tmp_path / "p.json"))
+                     "--out", str(tmp_path / "images"), "--report", str(tmp_path / "p.json"), refuses=False)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "p.json").read_text())
     assert report["bad_images"]["count"] == 3
@@ -127,8 +131,7 @@ def test_logging_stage_in_a_git_repo_without_commits_says_how_to_fix(tmp_path):
     """DVCLive would crash with "Empty git repo"; the stage stops first, naming the fix."""
     sh("git init -q", tmp_path)
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    proc = sh([sys.executable, "-m", "stages.decode", "--tokens", str(tmp_path / "none.parquet")], tmp_path,
-              check=False, env={"PYTHONPATH": str(ROOT)})
+    proc = run_module("stages.decode", "--tokens", str(tmp_path / "none.parquet"), cwd=tmp_path)
     expect_error(proc, "no commit yet", "git add -A && git commit")
 
 
