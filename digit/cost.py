@@ -15,7 +15,7 @@ The one number taken from a paper is the Inception-v3 forward: 5.72 G multiply-a
 
 Bytes are each stage's outputs (images as stored, float16 feature grids, uint16-equivalent tokens,
 fp32 weights, peak checkpoints = weights + AdamW moments, x2 kept), upper bounds before
-compression. Image bytes per pixel are stated per `data.image_format` assumption below.
+compression, from digit.storage, the model the stages' own pre-flight check uses.
 
 Wall time = FLOPs / (GPUs x peak x utilisation); it says nothing of data loading or disks, which is
 why `extract`'s and `prepare`'s bytes are listed beside it.
@@ -37,12 +37,10 @@ from digit.errors import ConfigError
 from digit.params import load_params
 from digit.precision import native_bf16
 from digit.report import duration
+from digit.storage import feature_bytes, human_bytes, image_bytes, token_bytes
 
 INCEPTION_FLOPS = 2 * 5.72e9           # Inception-v3 forward at 299 px (Szegedy et al. 2016): 5.72 G MACs
 INCEPTION_FEATURE_BYTES = 2048 * 4     # one pool3 vector as cached by `reference` (float32)
-# Bytes per stored image pixel (RGB): lossless PNG of natural photos is about half the raw bytes;
-# Fashion-MNIST's flat backgrounds compress to about a tenth (measured on the default shards).
-PNG_BYTES_PER_PIXEL = {"fashion-mnist": 0.3, "imagefolder": 1.5}
 # Images per split when a size cap is 0 (= all).
 FULL_SPLITS = {"fashion-mnist": (60000, 10000), "imagefolder": (1281167, 50000)}  # imagefolder: ImageNet-1k
 
@@ -151,7 +149,8 @@ def decoder_flops(p: dict, vocab: int, code_dim: int, grid: tuple[int, int], siz
 
 
 def vqgan_flops(p: dict, size: int) -> tuple[float, float, float, float, int]:
-    """(train, discriminator train, encode, decode) FLOPs per image, and parameters, of the VQGAN.
+    """(train, discriminator train, encode, decode) FLOPs per image, and parameters, of the VQGAN
+    (train and discriminator 0 for a pretrained one, `vqgan.weights`, which is adopted, not trained).
 
     Encoder and decoder run on the meta device; the quantizer's distances (grid^2 x K x dim
     multiply-adds) are added by hand, as its fp32-forcing autocast block has no meta kernel."""
@@ -159,12 +158,23 @@ def vqgan_flops(p: dict, size: int) -> tuple[float, float, float, float, int]:
     from digit.vqgan import VQGAN, VQGANConfig
 
     v = p["vqgan"]
+    distances = v["grid"] ** 2 * v["k"] * v["dim"] * 2
+    if v["weights"] != "none":  # adopted, not trained: the pretrained layout's encoder and decoder
+        from digit.pretrained_vqgan import PretrainedVQConfig, PretrainedVQGAN
+
+        with torch.device("meta"):
+            model = PretrainedVQGAN(PretrainedVQConfig(image_size=size, k=v["k"]))
+            image = torch.empty(1, 3, size, size)
+        distances = model.config.grid ** 2 * v["k"] * model.config.dim * 2
+        encode = count_flops(lambda: model.quant_conv(model.encoder(image))) + distances
+        z = model.quant_conv(model.encoder(image))
+        decode = count_flops(lambda: model.decoder(model.post_quant_conv(z)))
+        return 0.0, 0.0, encode, decode, sum(x.numel() for x in model.parameters())
     with torch.device("meta"):
         model = VQGAN(VQGANConfig(image_size=size, grid=v["grid"], k=v["k"], dim=v["dim"], width=v["width"],
                                   n_res=v["n_res"]))
         disc = PatchDiscriminator(3)
         image = torch.empty(1, 3, size, size)
-    distances = v["grid"] ** 2 * v["k"] * v["dim"] * 2
     encode = count_flops(lambda: model.encoder(image)) + distances
     z = model.encoder(image)
     decode = count_flops(lambda: model.decoder(z))
@@ -199,7 +209,7 @@ def stage_costs(p: dict, device: str = "cuda") -> list[StageCost]:
     positions, k = grid[0] * grid[1], p["codebook"]["k"]
     classes = 1000 if p["data"]["source"] == "imagefolder" else 10
     samples = p["sample"]["num_per_class"] * classes
-    token_bytes = n_images * positions * 2  # uint16 per position, before Parquet compression
+    tokens = token_bytes(n_images, positions)
     out: list[StageCost] = []
 
     def add(stage, flops, nbytes, counted, section=None):
@@ -209,12 +219,12 @@ def stage_costs(p: dict, device: str = "cuda") -> list[StageCost]:
         precision = "bf16" if precision in ("bf16", "fp16") else "fp32"
         out.append(StageCost(stage, float(flops), float(nbytes), counted, precision))
 
-    add("prepare", 0, n_images * size * size * PNG_BYTES_PER_PIXEL[p["data"]["source"]],
+    add("prepare", 0, image_bytes(n_images, size, p["data"]["source"]),
         "decode + resize + PNG (no FLOPs counted)")
-    add("extract", n_images * enc, n_images * positions * dim * 2, f"{n_images:,} encoder forwards", "encoder")
+    add("extract", n_images * enc, feature_bytes(n_images, positions, dim), f"{n_images:,} encoder forwards", "encoder")
     kmeans = p["codebook"]["niter"] * min(p["codebook"]["max_points"], n_train * positions) * k * dim * 2
     add("codebook", kmeans, k * dim * 4, "K-Means distances, niter x points x K x D")
-    add("tokenize", n_images * positions * k * dim * 2, token_bytes, "nearest centroid per position")
+    add("tokenize", n_images * positions * k * dim * 2, tokens, "nearest centroid per position")
     n_ref = p["evaluate"]["reference_size"] or n_val
     add("reference", (n_ref + p["evaluate"]["floor_pool"]) * INCEPTION_FLOPS,
         (n_ref + p["evaluate"]["floor_pool"]) * INCEPTION_FEATURE_BYTES, "Inception forwards")
@@ -223,9 +233,13 @@ def stage_costs(p: dict, device: str = "cuda") -> list[StageCost]:
     vq_train, vq_disc, vq_encode, vq_decode, vq_params = vqgan_flops(p, size)
     vq_batches = v["max_steps"] * v["batch_size"] * world
     adv = max(0, v["max_steps"] - v["adv_start"]) * v["batch_size"] * world if v["adv_weight"] > 0 else 0
-    add("train_vqgan", vq_batches * vq_train + adv * vq_disc + v["eval_images"] * INCEPTION_FLOPS,
-        vq_params * 4 * 3 * 3, f"{v['max_steps']:,} steps x {v['batch_size'] * world} images", "vqgan")
-    add("vq_tokenize", n_images * vq_encode, token_bytes, "VQGAN encoder forwards")
+    if v["weights"] != "none":
+        add("train_vqgan", v["eval_images"] * (vq_encode + vq_decode + INCEPTION_FLOPS), vq_params * 4,
+            f"pretrained {v['weights']}: scored on {v['eval_images']:,} val images, not trained")
+    else:
+        add("train_vqgan", vq_batches * vq_train + adv * vq_disc + v["eval_images"] * INCEPTION_FLOPS,
+            vq_params * 4 * 3 * 3, f"{v['max_steps']:,} steps x {v['batch_size'] * world} images", "vqgan")
+    add("vq_tokenize", n_images * vq_encode, tokens, "VQGAN encoder forwards")
 
     g = p["gpt"]
     sequences = g["max_steps"] * g["batch_size"] * g["grad_accum"] * world
@@ -235,7 +249,7 @@ def stage_costs(p: dict, device: str = "cuda") -> list[StageCost]:
         add(f"train@{tok}", sequences * train + evals, params * 4 * 3 * 3,
             f"{g['max_steps']:,} steps x {g['batch_size'] * g['grad_accum'] * world} sequences", "gpt")
         guided = 2 if p["sample"]["cfg_scale"] != 1 else 1
-        add(f"sample@{tok}", samples * forward * guided, samples * positions * 2,
+        add(f"sample@{tok}", samples * forward * guided, token_bytes(samples, positions),
             f"{samples:,} samples (KV-cached decoding ~ one forward each)")
         add(f"probe@{tok}", n_images * forward, 0, "GPT forwards for the features (L-BFGS not counted)")
 
@@ -251,7 +265,7 @@ def stage_costs(p: dict, device: str = "cuda") -> list[StageCost]:
     add("train_stage2@ar", s["max_steps"] * s["batch_size"] * world * s2_train + s["eval_images"] * INCEPTION_FLOPS,
         s2_params * 4 * 3 * 3, f"{s['max_steps']:,} steps x {s['batch_size'] * world} pairs", "stage2")
 
-    pixels = samples * size * size * PNG_BYTES_PER_PIXEL[p["data"]["source"]]
+    pixels = image_bytes(samples, size, p["data"]["source"])
     add("decode@direct", samples * dec_forward, pixels, f"{samples:,} decoder forwards")
     add("decode@stage2_ar", samples * (s2_forward + vq_decode), pixels, "stage 2 + VQGAN decoder")
     add("decode@vqgan", samples * vq_decode, pixels, "VQGAN decoder")
@@ -310,14 +324,6 @@ def main() -> None:
               f"{c.counted}")
     print(f"{'total':18s} {sum(c.flops for c in costs):10.3g} {human_bytes(sum(c.bytes for c in costs)):>10s} "
           f"{duration(sum(seconds)):>10s}")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""
 
 
 if __name__ == "__main__":

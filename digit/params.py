@@ -140,6 +140,7 @@ SCHEMA: dict[str, Spec] = {
     "decoder.shuffle_shards": Spec(int, min=1, help="image shards mixed per shuffle window"),
     "decoder.seed": Spec(int, min=0, max=SEED_STRIDE - 1),
     # train_vqgan + vq_tokenize (checked further by digit.vqgan.VQGANConfig)
+    "vqgan.weights": Spec(str, help="none (train it) | path to a pretrained LlamaGen VQ-16 checkpoint"),
     "vqgan.grid": Spec(int, min=1, help="tokens per side, the DiGIT grid"),
     "vqgan.k": Spec(int, min=2),
     "vqgan.dim": Spec(int, min=1),

@@ -340,8 +340,8 @@ def measure_vq(model, batches: Iterable[torch.Tensor], snr_db: list[float], seed
     positions = images = pipeline_changed = 0
 
     def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = model.encoder(model._input(x.float().to(device)))
-        return model.quantizer.lookup(z), z.permute(0, 2, 3, 1).double()
+        z = model.latents(x.float().to(device))
+        return model.lookup(z), z.permute(0, 2, 3, 1).double()
 
     with tqdm(total=total, desc="stability vq", unit="img", disable=not progress) as bar:
         for batch in batches:

@@ -31,6 +31,7 @@ restarts the same codes with the same draws.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from digit.artifact import load_weights, read_artifact, save_artifact
+from digit.artifact import CONFIG, load_weights, read_artifact, save_artifact
 from digit.errors import ConfigError
 from digit.shards import WindowedShards, iter_samples, read_manifest, shard_urls
 
@@ -310,17 +311,30 @@ class VQGAN(nn.Module):
     @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B,g,g] or flat [B,g*g] (stage 2's output) -> images [B,3,S,S] in [0,1]."""
-        g, k = self.config.grid, self.config.k
-        tokens = torch.as_tensor(tokens, device=self.quantizer.embed.device)
-        if tokens.dim() == 2 and tokens.size(1) == g * g:
-            tokens = tokens.view(-1, g, g)
-        if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (g, g):
-            raise ConfigError(f"tokens: expected [B, {g}, {g}] or [B, {g * g}] for vqgan.grid={g}, "
-                              f"got {tuple(tokens.shape)}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= k):
-            raise ConfigError(f"tokens: ids must be in 0..{k - 1} (vqgan.k={k}), got {int(tokens.min())}.."
-                              f"{int(tokens.max())}; they are not this VQGAN's tokens")
-        return torch.sigmoid(self.decoder(self.quantizer.codes(tokens.long())))
+        tokens = check_tokens(tokens, self.config.grid, self.config.k, self.quantizer.embed.device)
+        return torch.sigmoid(self.decoder(self.quantizer.codes(tokens)))
+
+    def latents(self, images) -> torch.Tensor:
+        """images -> the encoder's output before quantization [B, dim, g, g] (the stability stage's cosine)."""
+        return self.encoder(self._input(images))
+
+    def lookup(self, z: torch.Tensor) -> torch.Tensor:
+        """latents [B, dim, g, g] -> tokens [B, g, g], as encode() assigns them."""
+        return self.quantizer.lookup(z)
+
+
+def check_tokens(tokens, grid: int, k: int, device) -> torch.Tensor:
+    """tokens [B,g,g] or flat [B,g*g] -> int64 [B,g,g] on `device`; a clear error for another shape or id range."""
+    tokens = torch.as_tensor(tokens, device=device)
+    if tokens.dim() == 2 and tokens.size(1) == grid * grid:
+        tokens = tokens.view(-1, grid, grid)
+    if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (grid, grid):
+        raise ConfigError(f"tokens: expected [B, {grid}, {grid}] or [B, {grid * grid}] for vqgan.grid={grid}, "
+                          f"got {tuple(tokens.shape)}")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= k):
+        raise ConfigError(f"tokens: ids must be in 0..{k - 1} (vqgan.k={k}), got {int(tokens.min())}.."
+                          f"{int(tokens.max())}; they are not this VQGAN's tokens")
+    return tokens.long()
 
 
 # ---------------------------------------------------------------- persistence
@@ -330,9 +344,16 @@ def save_vqgan(model: VQGAN, meta: dict, directory: str | Path) -> None:
 
 
 def load_vqgan(directory: str | Path, k: int | None = None, grid: int | None = None,
-               image_size: int | None = None) -> tuple[VQGAN, dict]:
-    """(model in eval mode, meta) written by save_vqgan, checked against the expected k / grid / image size."""
-    config, meta = read_artifact(directory, VQGANConfig, "train_vqgan")
+               image_size: int | None = None):
+    """(model in eval mode, meta) written by save_vqgan, checked against the expected k / grid / image size.
+
+    The folder holds either a VQGAN trained here or an adopted pretrained one (digit.pretrained_vqgan,
+    `vqgan.weights`); both answer encode / decode_tokens / latents / lookup alike."""
+    from digit.pretrained_vqgan import PretrainedVQConfig, PretrainedVQGAN
+
+    pretrained = json.loads(config_path.read_text()).get("layout") if (config_path := Path(directory) / CONFIG).is_file() else None
+    config_cls, model_cls = (PretrainedVQConfig, PretrainedVQGAN) if pretrained else (VQGANConfig, VQGAN)
+    config, meta = read_artifact(directory, config_cls, "train_vqgan")
     if grid is not None and isinstance(grid, (tuple, list)):
         grid = grid[0] if len(set(grid)) == 1 else tuple(grid)
     for name, want, have in (("codebook size", k, config.k), ("token grid", grid, config.grid),
@@ -340,7 +361,7 @@ def load_vqgan(directory: str | Path, k: int | None = None, grid: int | None = N
         if want is not None and want != have:
             raise ConfigError(f"{directory}: the VQGAN was trained with {name} {have}, expected {want}; "
                               "re-run the stage that trains it with the current parameters")
-    return load_weights(VQGAN(config), directory, "train_vqgan"), meta
+    return load_weights(model_cls(config), directory, "train_vqgan"), meta
 
 
 # ---------------------------------------------------------------- data

@@ -19,10 +19,11 @@ from tqdm import tqdm
 from digit.atomic import publish, write_json
 from digit.cli import run, stage_parser
 from digit.distributed import finish, make_accelerator, shared_tmp_output
-from digit.encoders import build_encoder, describe, validate_encoder
+from digit.encoders import build_encoder, describe, encoder_geometry
 from digit.params import load_params, seed_for
 from digit.features import encode_shard
 from digit.shards import read_manifest, shard_urls, write_manifest
+from digit.storage import feature_bytes, require_space
 
 def main() -> None:
     parser = stage_parser(__doc__)
@@ -33,8 +34,11 @@ def main() -> None:
     params = load_params(args.params)
     cfg = params["encoder"]
     images_manifest = read_manifest(args.images)
-    # before any heavy work
-    validate_encoder(cfg["name"], cfg["weights"], cfg["layer"], cfg["img_size"], cfg["patch_size"])
+    # before any heavy work: the settings, then the disk
+    geometry = encoder_geometry(cfg["name"], cfg["weights"], cfg["layer"], cfg["img_size"], cfg["patch_size"])
+    n_images = sum(info["count"] for info in images_manifest["splits"].values())
+    require_space("extract", args.out, feature_bytes(n_images, geometry["grid"][0] * geometry["grid"][1],
+                                                     geometry["dim"]), f"{n_images:,} float16 feature grids")
     seed = seed_for(params, None)  # of the random init (encoder.weights=none) only
 
     accelerator = make_accelerator()
@@ -76,7 +80,6 @@ def main() -> None:
             write_manifest(tmp, manifest)
             publish(tmp, out)
             elapsed = time.time() - started
-            n_images = sum(v["count"] for v in manifest["splits"].values())
             write_json(args.report, {"images": n_images, "seconds": round(elapsed, 2), "processes": world,
                                      "images_per_second": round(n_images / elapsed, 1), **manifest["encoder"]})
             print(f"extract: {n_images} images -> {out} grid {manifest['encoder']['grid']} "

@@ -19,6 +19,7 @@ from digit.cli import run, stage_parser
 from digit.errors import BadImageError, ConfigError
 from digit.params import load_params
 from digit.shards import ShardSink, encode_png, write_manifest
+from digit.storage import image_bytes, require_space
 
 
 def fashion_mnist_samples(cfg: dict, split: str):
@@ -76,8 +77,11 @@ def main() -> None:
         classes, items = datasets.scan_imagefolder(cfg["root"], cfg["val_size"], cfg["seed"])
         bad: list[str] = []
         splits = {split: imagefolder_samples(cfg, split, items[split], bad) for split in ("train", "val")}
-        totals = {split: None for split in splits}
+        totals = {split: min(cfg["train_size" if split == "train" else "val_size"] or len(items[split]),
+                             len(items[split])) for split in splits}  # before skipping unreadable files
 
+    require_space("prepare", out, image_bytes(sum(totals.values()), cfg["image_size"], cfg["source"]),
+                  f"{sum(totals.values()):,} PNG images")
     clean_stale_tmp(out)
     manifest = {"source": cfg["source"], "image_size": cfg["image_size"], "classes": classes, "splits": {}}
     report = {"source": cfg["source"], "splits": {}}

@@ -17,6 +17,7 @@ from digit.errors import ConfigError
 from digit.kmeans import Assigner
 from digit.params import load_params
 from digit.shards import batched, iter_samples, read_manifest, shard_urls
+from digit.storage import require_space, token_bytes
 from digit.tokens import TokenWriter, token_schema, token_stats
 
 
@@ -35,6 +36,8 @@ def main() -> None:
     if dim != manifest["encoder"]["dim"]:
         raise ConfigError(f"{args.codebook}: centroids have dim {dim} but the features have "
                           f"{manifest['encoder']['dim']}; re-run `dvc repro codebook`")
+    rows = sum(manifest["splits"][split]["count"] for split in ("train", "val"))
+    require_space("tokenize", args.out, token_bytes(rows, grid[0] * grid[1]), f"{rows:,} token sequences")
     assign = Assigner(centroids)
     schema = token_schema(grid, k, {"encoder": manifest["encoder"], "classes": manifest["classes"]})
 

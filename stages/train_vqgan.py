@@ -10,17 +10,25 @@ checkpoints/train_vqgan-<fingerprint>/, DVCLive curves in reports/vqgan/, a stop
 the first non-finite loss). At the end the first vqgan.eval_images val images go
 through encode -> decode: PSNR, SSIM, rFID (digit.reconstruction, as every renderer)
 and codebook usage / perplexity on val go to reports/vqgan.json.
+
+With `vqgan.weights: path/to/checkpoint` nothing is trained: the public pretrained VQGAN there
+(LlamaGen's VQ-16 layout, digit/pretrained_vqgan.py) is checked key by key, scored on the same val
+images into the same report, and published as models/vqgan (the paper's setting: stage 2 renders
+through a frozen pretrained VQGAN). Its sha256 goes into the report and the model's meta.
 """
 
 from __future__ import annotations
 
 import torch
+from dvclive import Live
 
 from digit.atomic import write_json
 from digit.cli import require_git_commit, run, stage_parser
+from digit.distributed import finish, make_accelerator
 from digit.errors import ConfigError
 from digit.gan import PatchDiscriminator, discriminator_step, generator_loss
 from digit.params import load_params, seed_for
+from digit.pretrained_vqgan import file_sha256, load_pretrained_vqgan
 from digit.reconstruction import mean_l1, reconstruction_report
 from digit.trainer import Trainer, lr_lambda
 from digit.vqgan import (VQGAN, ImageBatches, VQGANConfig, codebook_stats, reconstruction_loss, save_vqgan,
@@ -46,6 +54,8 @@ def main() -> None:
     # (vq_tokenize and stage 2 check it against the DiGIT grid).
     config = VQGANConfig(image_size=train.image_size, grid=cfg["grid"], seed=cfg["seed"],
                          **{k: cfg[k] for k in MODEL_KEYS})
+    if cfg["weights"] != "none":
+        return adopt(cfg, params, train, val, args)
     if train.num_rows < cfg["batch_size"]:
         raise ConfigError(f"vqgan.batch_size: {cfg['batch_size']} is more than the {train.num_rows} train "
                           "images; lower it")
@@ -103,27 +113,56 @@ def main() -> None:
 
     def publish(live) -> None:
         vq = accelerator.unwrap_model(model).eval()
-        tokens = []
-
-        def render(images):  # encode -> decode_tokens, keeping the tokens for the usage statistics
-            ids = vq.encode(torch.from_numpy(images).to(accelerator.device))
-            tokens.append(ids.cpu())
-            return uint8_images(vq.decode_tokens(ids)).cpu().numpy()
-
-        report = reconstruction_report(
-            render, ((x, x) for x in val.batches(B, 0, 0, shuffle=False, limit=cfg["eval_images"])),
-            args.reference, params["evaluate"]["inception_weights"], accelerator.device, B)
-        usage = codebook_stats(torch.cat(tokens), config.k)
-        report.update(usage=round(usage["usage"], 5), perplexity=round(usage["perplexity"], 3))
+        report = publish_vqgan(vq, val, train.classes, params, args, accelerator.device, B)
         live.summary["rec"] = {k: report[k] for k in ("psnr", "ssim", "rfid", "usage", "perplexity")}
-        save_vqgan(vq, {"grid": [config.grid, config.grid], "vocab_size": config.k,
-                        "image_size": config.image_size, "classes": train.classes}, args.out)
-        write_json(args.report, {"renderer": "vqgan", **report, "params": sum(p.numel() for p in vq.parameters()),
-                                 "steps": cfg["max_steps"], "adv_weight": cfg["adv_weight"]})
-        print(f"train_vqgan: val PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}, rFID {report['rfid']:.2f}, "
-              f"codebook usage {report['usage']:.3f} on {report['images']} images -> {args.out}")
+        write_json(args.report, {**report, "steps": cfg["max_steps"], "adv_weight": cfg["adv_weight"]})
 
     trainer.publish(publish)
+
+
+def publish_vqgan(vq, val: ImageBatches, classes, params: dict, args, device, batch_size: int,
+                  meta: dict | None = None) -> dict:
+    """Score `vq` (encode -> decode of the first vqgan.eval_images val images: PSNR, SSIM, rFID, codebook use)
+    and publish it as args.out; the report's common part is returned (the caller writes it)."""
+    config, tokens = vq.config, []
+
+    def render(images):  # encode -> decode_tokens, keeping the tokens for the usage statistics
+        ids = vq.encode(torch.from_numpy(images).to(device))
+        tokens.append(ids.cpu())
+        return uint8_images(vq.decode_tokens(ids)).cpu().numpy()
+
+    report = reconstruction_report(
+        render, ((x, x) for x in val.batches(batch_size, 0, 0, shuffle=False, limit=params["vqgan"]["eval_images"])),
+        args.reference, params["evaluate"]["inception_weights"], device, batch_size)
+    usage = codebook_stats(torch.cat(tokens), config.k)
+    report.update(usage=round(usage["usage"], 5), perplexity=round(usage["perplexity"], 3))
+    save_vqgan(vq, {"grid": [config.grid, config.grid], "vocab_size": config.k, "image_size": config.image_size,
+                    "classes": classes, **(meta or {})}, args.out)
+    print(f"train_vqgan: val PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}, rFID {report['rfid']:.2f}, "
+          f"codebook usage {report['usage']:.3f} on {report['images']} images -> {args.out}")
+    return {"renderer": "vqgan", **report, "params": sum(p.numel() for p in vq.parameters())}
+
+
+def adopt(cfg: dict, params: dict, train: ImageBatches, val: ImageBatches, args) -> None:
+    """vqgan.weights set: check the pretrained checkpoint against the DAG's grid and K, score it, publish it."""
+    vq = load_pretrained_vqgan(cfg["weights"], train.image_size)
+    for key, have in (("grid", vq.config.grid), ("k", vq.config.k)):
+        if cfg[key] != have:
+            raise ConfigError(f"vqgan.{key}={cfg[key]} but the pretrained VQGAN at {cfg['weights']} has {key} "
+                              f"{have} at data.image_size={train.image_size}; set vqgan.{key}: {have}")
+    # Under a multi-process launcher one process scores and publishes; the others only wait for it.
+    accelerator = make_accelerator()
+    if accelerator.is_main_process:
+        sha = file_sha256(cfg["weights"])
+        report = publish_vqgan(vq.to(accelerator.device), val, train.classes, params, args, accelerator.device,
+                               cfg["batch_size"], {"pretrained": cfg["weights"], "sha256": sha})
+        write_json(args.report, {**report, "pretrained": cfg["weights"], "sha256": sha, "steps": 0})
+        # The same DVCLive outputs as a training run: the scores as step 0 (plots) and the summary.
+        rec = {k: report[k] for k in ("psnr", "ssim", "rfid", "usage", "perplexity")}
+        with Live(args.live, save_dvc_exp=False, dvcyaml=False, report=None) as live:
+            for name, value in rec.items():
+                live.log_metric(f"rec/{name}", value)  # also the summary's "rec", as after training
+    finish(accelerator)
 
 
 if __name__ == "__main__":

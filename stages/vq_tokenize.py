@@ -20,6 +20,7 @@ from digit.cli import run, stage_parser
 from digit.errors import ConfigError
 from digit.params import load_params
 from digit.shards import batched, iter_samples, read_manifest, shard_urls
+from digit.storage import require_space, token_bytes
 from digit.tokens import TokenWriter, token_schema, token_stats
 from digit.vqgan import load_vqgan
 
@@ -40,6 +41,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
     grid, k = (model.config.grid, model.config.grid), model.config.k
+    rows = sum(info["count"] for info in manifest["splits"].values())
+    require_space("vq_tokenize", args.out, token_bytes(rows, grid[0] * grid[1]), f"{rows:,} token sequences")
     schema = token_schema(grid, k, {"tokenizer": "vq", "image_size": manifest["image_size"],
                                     "classes": manifest["classes"]})
     out = Path(args.out)

@@ -9,6 +9,7 @@ Keep each helper small, documented and free of side effects; import them with
 fingerprints the same files the deps test checks.)
 - `is_inert_init`: whether a package `__init__.py` holds nothing that can change what a stage computes.
 - `names_read`, `is_docstring`: small AST pieces.
+- `llamagen_checkpoint`: a random checkpoint of LlamaGen's VQ-16 layout, saved as LlamaGen saves it.
 """
 
 from __future__ import annotations
@@ -193,3 +194,25 @@ def kill_after_checkpoint(cmd: list[str], cwd: Path, checkpoints: Path, step: in
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def llamagen_checkpoint(path, image_size=32, ch=32, z_channels=32, k=16, dim=4, seed=0, **edits):
+    """A random state dict of the layout (small channels: the layout leaves them to the checkpoint), saved as
+    LlamaGen saves it; `edits` replace (tensor) or drop (None) keys first."""
+    import torch
+
+    from digit.pretrained_vqgan import PretrainedVQConfig, PretrainedVQGAN
+
+    torch.manual_seed(seed)
+    model = PretrainedVQGAN(PretrainedVQConfig(image_size=image_size, ch=ch, z_channels=z_channels, k=k, dim=dim))
+    state = {**model.state_dict(), "quantize.codebook_used": torch.zeros(65536)}
+    for key, value in edits.items():
+        key = key.replace("__", ".")
+        if value is None:
+            state.pop(key)
+        else:
+            state[key] = value
+    torch.save({"model": state, "optimizer": {}}, path)
+    return path

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from digit import cost
+from digit import cost, storage
+from digit.errors import ConfigError
 from digit.params import load_params
 from digit.preset import load_preset
 from helpers import dvc_stages
@@ -51,6 +52,27 @@ def test_imagenet_base_features_exceed_the_dataset_as_the_issue_measured():
     assert costs["extract"].bytes == 1_331_167 * 16 * 16 * 768 * 2
     assert costs["train@digit"].precision == "bf16" and costs["train_stage2@ar"].precision == "fp32"
     assert costs["train@digit"].flops > 1e19
+
+
+def test_a_pretrained_vqgan_is_scored_not_trained():
+    """The ImageNet presets adopt LlamaGen's VQ-16 (vqgan.weights): no training FLOPs, its 72M fp32 weights
+    written once, its encoder counted for vq_tokenize; the default trains its own."""
+    costs = {c.stage: c for c in cost.stage_costs(load_preset("imagenet-digit-base"))}
+    v = load_preset("imagenet-digit-base")["vqgan"]
+    assert v["weights"] != "none" and "not trained" in costs["train_vqgan"].counted
+    assert 71.5e6 * 4 < costs["train_vqgan"].bytes < 72.5e6 * 4
+    assert costs["train_vqgan"].flops < costs["vq_tokenize"].flops
+    default = {c.stage: c for c in cost.stage_costs(load_params(ROOT / "params.yaml"))}
+    assert "steps" in default["train_vqgan"].counted
+
+
+def test_pre_flight_refuses_what_the_disk_cannot_hold(tmp_path):
+    """free_bytes asks the nearest existing folder (outputs do not exist yet); both numbers in the error."""
+    assert storage.free_bytes(tmp_path / "not" / "yet") == pytest.approx(storage.free_bytes(tmp_path), rel=0.01)
+    storage.require_space("extract", tmp_path / "out", 1, "one byte")
+    with pytest.raises(ConfigError, match=r"extract: 1e18 bytes need about 1000000.0 TB at .*/out, but its file "
+                                          r"system has [\d.]+ [KMGT]?B free; free space there"):
+        storage.require_space("extract", tmp_path / "out", 1e18, "1e18 bytes")
 
 
 def test_cli_json_on_this_cpu(capsys, monkeypatch):

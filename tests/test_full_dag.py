@@ -17,9 +17,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import dvc, expect_error, needs_fmnist, run_module, sh, update_params
+from digit import storage
 from digit.decoder import DecoderConfig, TokenDecoder, save_decoder
 from digit.fid import load_features, save_features
-from helpers import dvc_stages, kill_after_checkpoint, stage_cmd, stages_ran
+from helpers import dvc_stages, kill_after_checkpoint, llamagen_checkpoint, stage_cmd, stages_ran
 
 pytestmark = [needs_fmnist, pytest.mark.slow]
 
@@ -257,11 +258,35 @@ def test_bad_vqgan_settings_fail_before_training(full_repo, tmp_path):
     expect_error(refusal(full_repo, "train_vqgan", *outs, params={"vqgan": {"k": 1}}), "vqgan.k: 1 is below the minimum 2")
     expect_error(refusal(full_repo, "train_vqgan", *outs, params={"vqgan": {"batch_size": 500}}),
                  "vqgan.batch_size: 500 is more than the 200 train images")
+    # A pretrained VQGAN (vqgan.weights) is checked before any scoring: the default 28 px images do not
+    # divide by the VQ-16's 16, another K is named with the fix, a missing file says where to put it.
+    ckpt = llamagen_checkpoint(tmp_path / "vq16.pt")
+    expect_error(refusal(full_repo, "train_vqgan", *outs, params={"vqgan": {"weights": str(ckpt)}}),
+                 "data.image_size=28", "must be a multiple of 16")
+    expect_error(refusal(full_repo, "train_vqgan", *outs, params={"vqgan": {"weights": str(tmp_path / "no.pt")}}),
+                 "no.pt does not exist; download LlamaGen's VQ-16 checkpoint")
     assert not (tmp_path / "vq").exists() and not (tmp_path / "live").exists()
     proc = refusal(full_repo, "vq_tokenize", "--vqgan", str(tmp_path / "nothing"), "--out", str(tmp_path / "t"),
                  "--report", str(tmp_path / "t.json"))
     expect_error(proc, "is not a complete `train_vqgan` output", "dvc repro train_vqgan")
     assert not (tmp_path / "t").exists()
+
+
+def test_a_stage_that_would_fill_its_disk_refuses_before_any_work(full_repo, tmp_path, monkeypatch):
+    """Pre-flight: the stages that write the bulk (image shards, feature grids, tokens) compare the bytes of
+    digit.storage's model with the free space of their output's file system, here a disk with 1 KB left."""
+    monkeypatch.setattr(storage, "free_bytes", lambda path: 1000)
+    runs = {"prepare": ["--report", str(tmp_path / "r.json")],
+            "extract": ["--images", "data/images", "--report", str(tmp_path / "r.json")],
+            "tokenize": ["--features", "data/features", "--report", str(tmp_path / "r.json")],
+            "vq_tokenize": ["--report", str(tmp_path / "r.json")]}
+    what = {"prepare": "250 PNG images", "extract": "250 float16 feature grids", "tokenize": "250 token sequences",
+            "vq_tokenize": "250 token sequences"}
+    for name, args in runs.items():
+        out = tmp_path / name
+        expect_error(refusal(full_repo, name, "--out", str(out), *args), f"{name}: {what[name]} need about",
+                     f"at {out}, but its file system has 1.0 KB free")
+        assert not out.exists() and not (tmp_path / "r.json").exists()
 
 
 def test_killed_decoder_training_resumes_to_the_same_weights(full_repo, tmp_path):

@@ -2,7 +2,7 @@
 
 The real architectures and shapes of each preset (DINOv2 ViT-B/14 or ViT-L/14 with registers, random weights
 since the hub is offline; 224 px, 16x16 grid; K as in the preset; the 16- and 24-layer GPTs; the preset's
-decoder, VQGAN and stage-2 shapes at 256 px), with only the amounts cut to a tiny set: a few dozen images in
+decoder and stage-2 shapes at 256 px, LlamaGen's VQ-16 adopted from a random checkpoint of its layout), with only the amounts cut to a tiny set: a few dozen images in
 four classes (K-Means points adapted: enough images for K), two optimizer steps at batch 2, one sample per
 class through decode and evaluate. Each stage runs as its own `dvc repro` under /usr/bin/time, which gives
 its wall time and the peak RSS of its largest process. Minutes per preset and several GiB at the large
@@ -25,7 +25,7 @@ from PIL import Image
 
 from conftest import dvc, make_project, needs_fmnist, sh
 from digit.preset import load_preset, merge
-from helpers import dvc_stages
+from helpers import dvc_stages, llamagen_checkpoint
 
 pytestmark = [
     needs_fmnist,
@@ -49,7 +49,7 @@ def tiny(images: Path) -> dict:
         "sample": {"num_per_class": 1, "batch_size": 2},
         "probe": {"max_train": 8, "batch_size": 8, "steps": 2},
         "decoder": {**TWO_STEPS, "adv_start": 1, "eval_images": 4, "shuffle_shards": 1},
-        "vqgan": {**TWO_STEPS, "adv_start": 1, "eval_images": 4, "restart_every": 1},
+        "vqgan": {"weights": str(images.parent / "vq_ds16_c2i.pt"), "eval_images": 4, "batch_size": 2},
         "stage2": {**TWO_STEPS, "eval_images": 4},
         "decode": {"batch_size": 2},
         "evaluate": {"reference_size": CLASSES * VAL_PER_CLASS, "floor_pool": CLASSES, "batch_size": 4,
@@ -76,6 +76,8 @@ def colour_folder(root: Path) -> None:
 @pytest.mark.parametrize("preset", ["imagenet-digit-base", "imagenet-digit-large"])
 def test_preset_runs_end_to_end_on_a_tiny_colour_folder(preset, tmp_path):
     colour_folder(tmp_path / "images")
+    # The preset adopts LlamaGen's VQ-16 (vqgan.weights): a random checkpoint of its exact layout and sizes.
+    llamagen_checkpoint(tmp_path / "vq_ds16_c2i.pt", image_size=256, ch=128, z_channels=256, k=16384, dim=8)
     repo = make_project(tmp_path / "repo")
     params = merge(load_preset(preset), tiny(tmp_path / "images"))
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
