@@ -3,6 +3,7 @@
     python -m digit.cost                          # the default params.yaml
     python -m digit.cost imagenet-digit-base      # a preset (presets/NAME.yaml over params.yaml)
     python -m digit.cost imagenet-digit-base --gpus 8 --peak-tflops 989 --utilisation 0.4 [--json]
+    python -m digit.cost imagenet-digit-base -S gpt.max_steps=500453   # any key, as `dvc exp run -S` takes it
 
 FLOPs are counted, not estimated: every network is built at the preset's shapes on the meta device
 (no memory, no weights) and one forward (+ backward for the trainers) of one batch runs under
@@ -30,11 +31,12 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from digit.cli import run
 from digit.errors import ConfigError
-from digit.params import load_params
+from digit.params import load_params, validate
 from digit.precision import native_bf16
 from digit.report import duration
 from digit.storage import feature_bytes, human_bytes, image_bytes, token_bytes
@@ -219,12 +221,22 @@ def stage_costs(p: dict, device: str = "cuda") -> list[StageCost]:
         precision = "bf16" if precision in ("bf16", "fp16") else "fp32"
         out.append(StageCost(stage, float(flops), float(nbytes), counted, precision))
 
-    add("prepare", 0, image_bytes(n_images, size, p["data"]["source"]),
-        "decode + resize + PNG (no FLOPs counted)")
-    add("extract", n_images * enc, feature_bytes(n_images, positions, dim), f"{n_images:,} encoder forwards", "encoder")
-    kmeans = p["codebook"]["niter"] * min(p["codebook"]["max_points"], n_train * positions) * k * dim * 2
-    add("codebook", kmeans, k * dim * 4, "K-Means distances, niter x points x K x D")
-    add("tokenize", n_images * positions * k * dim * 2, tokens, "nearest centroid per position")
+    add("prepare", 0, image_bytes(n_images, size, p["data"]["source"], p["data"]["image_format"]),
+        f"decode + resize + {p['data']['image_format'].upper()} (no FLOPs counted)")
+    points = min(p["codebook"]["max_points"], n_train * positions)
+    assign = n_images * positions * k * dim * 2
+    if p["encoder"]["cache"] == "sample":  # extract keeps the codebook's sample; tokenize encodes again
+        # images with at least one sampled vector: 1 - P(none of its positions drawn)
+        written = n_train * (1 - (1 - points / (n_train * positions)) ** positions)
+        add("extract", n_train * enc, feature_bytes(written, points / written, dim),
+            f"{n_train:,} encoder forwards, {points:,} vectors kept", "encoder")
+        tokenize = (n_images * enc + assign, "encoder forwards + nearest centroid per position", "encoder")
+    else:
+        add("extract", n_images * enc, feature_bytes(n_images, positions, dim), f"{n_images:,} encoder forwards",
+            "encoder")
+        tokenize = (assign, "nearest centroid per position", None)
+    add("codebook", p["codebook"]["niter"] * points * k * dim * 2, k * dim * 4, "K-Means distances, niter x points x K x D")
+    add("tokenize", tokenize[0], tokens, tokenize[1], tokenize[2])
     n_ref = p["evaluate"]["reference_size"] or n_val
     add("reference", (n_ref + p["evaluate"]["floor_pool"]) * INCEPTION_FLOPS,
         (n_ref + p["evaluate"]["floor_pool"]) * INCEPTION_FEATURE_BYTES, "Inception forwards")
@@ -279,7 +291,7 @@ def stage_costs(p: dict, device: str = "cuda") -> list[StageCost]:
 
 
 def main() -> None:
-    from digit.preset import load_preset
+    from digit.preset import load_preset, merge
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset", nargs="?", help="presets/NAME.yaml over params.yaml (default: params.yaml)")
@@ -294,11 +306,22 @@ def main() -> None:
                         help="project onto this machine's CPU instead: its fp32 (and native bf16) matmul peak, "
                              "measured now, one process")
     parser.add_argument("--utilisation", type=float, default=0.4, help="fraction of the peak reached (default 0.4)")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a parameter, as `dvc exp run -S` does (YAML value), e.g. -S gpt.max_steps=500000")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args()
     if not 0 < args.utilisation <= 1 or args.peak_tflops <= 0 or args.fp32_tflops <= 0:
         raise ConfigError("--utilisation must be in (0, 1], --peak-tflops and --fp32-tflops positive")
     p = load_preset(args.preset, args.params) if args.preset else load_params(args.params)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not sep or section not in p or name not in p[section]:
+            raise ConfigError(f"-S {item}: expected an existing SECTION.KEY=VALUE, e.g. -S gpt.max_steps=500000")
+        p = merge(p, {section: {name: yaml.safe_load(value)}})
+    problems = validate(p)
+    if problems:
+        raise ConfigError("; ".join(problems))
     if args.here:
         fp32 = matmul_peak(torch.float32)
         peaks = {"fp32": fp32, "bf16": matmul_peak(torch.bfloat16) if native_bf16("cpu") else fp32}

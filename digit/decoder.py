@@ -173,7 +173,7 @@ class PairedImages(WindowedShards):
         if image_keys != keys:
             raise ConfigError(f"{self.urls[index]}: image keys do not match the token rows "
                               f"({image_keys[:2]} vs {keys[:2]}); re-run `dvc repro tokenize`")
-        return tokens, np.stack([s["png"] for s in samples])
+        return tokens, np.stack([s["image"] for s in samples])
 
     parts = shard
 

@@ -72,7 +72,7 @@ def find_image(key: str, label: int, images: str | None, samples: str | None) ->
         if split in splits:
             for sample in iter_samples(shard_urls(images, split)):
                 if sample["__key__"] == key:
-                    return sample["png"]
+                    return sample["image"]
     return None
 
 
@@ -114,7 +114,7 @@ def member_patches(path: str | Path, images: str | None, codes: list[int], per_c
     split = keys[0].split("_", 1)[0] if keys else "train"
     for sample in iter_samples(shard_urls(images, split)):
         for code, (i, j) in by_key.pop(sample["__key__"], []):
-            img = sample["png"]
+            img = sample["image"]
             h, w = img.shape[0] // gh, img.shape[1] // gw
             out.setdefault(code, []).append(img[i * h:(i + 1) * h, j * w:(j + 1) * w])
         if not by_key:

@@ -12,11 +12,53 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from digit.shards import iter_samples
+from digit.errors import ConfigError
+from digit.shards import iter_samples, read_manifest, shard_urls
 
 
 def num_gpus() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def sample_indices(n_images: int, positions: int, max_points: int, seed: int) -> np.ndarray:
+    """Sorted indices, over the virtual [n_images * positions] array of train patch vectors, of the
+    min(max_points, all) vectors the codebook is fitted on: drawn without replacement from (seed) alone."""
+    total = n_images * positions
+    return np.sort(np.random.default_rng(seed).choice(total, size=min(max_points, total), replace=False))
+
+
+def rows_in_image(chosen: np.ndarray, image_index: int, positions: int) -> np.ndarray:
+    """The positions of image `image_index`'s grid (flattened) that `chosen` samples, ascending."""
+    lo = image_index * positions
+    start, end = np.searchsorted(chosen, [lo, lo + positions])
+    return chosen[start:end] - lo
+
+
+def load_sample(urls: list[str], n: int, progress: bool = True) -> np.ndarray:
+    """The codebook's sample as `extract` kept it (encoder.cache: sample): the [m, D] rows of each written
+    image, in order -- the very vectors sample_features would pick from whole grids."""
+    parts = [s["npy"] for s in tqdm(iter_samples(urls), desc="codebook sample", unit="img", disable=not progress)]
+    x = np.concatenate(parts).astype(np.float32) if parts else np.empty((0, 0), np.float32)
+    if len(x) != n:
+        raise RuntimeError(f"codebook: expected {n} sampled features, read {len(x)}; feature shards are incomplete")
+    return x
+
+
+def codebook_sample(features_dir, max_points: int, seed: int, progress: bool = True) -> np.ndarray:
+    """The train vectors a codebook is fitted on (stages codebook and stability's K sweep): min(max_points, all)
+    drawn by `seed` from extract's feature grids, or read as extract kept them (encoder.cache: sample), which
+    is the same draw."""
+    manifest = read_manifest(features_dir)
+    gh, gw = manifest["encoder"]["grid"]
+    n_images = manifest["splits"]["train"]["count"]
+    urls, total = shard_urls(features_dir, "train"), n_images * gh * gw
+    if manifest.get("cache") != "sample":
+        return sample_features(urls, n_images, gh * gw, max_points, seed, progress)
+    drawn = manifest["sample"]
+    if (min(drawn["max_points"], total), drawn["seed"]) != (min(max_points, total), seed):
+        raise ConfigError(f"{features_dir} holds the sample drawn with max_points={drawn['max_points']}, seed "
+                          f"{drawn['seed']}, not max_points={max_points}, seed {seed}; re-run `dvc repro extract`")
+    return load_sample(urls, min(max_points, total), progress)
 
 
 def sample_features(urls: list[str], n_images: int, positions: int, max_points: int, seed: int,
@@ -27,9 +69,8 @@ def sample_features(urls: list[str], n_images: int, positions: int, max_points: 
     so memory is O(max_points * D) whatever the dataset size, and the sample
     depends only on (seed, shard order), not on batch sizes or process count.
     """
-    total = n_images * positions
-    n = min(max_points, total)
-    chosen = np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+    chosen = sample_indices(n_images, positions, max_points, seed)
+    n = len(chosen)
     out, filled, ptr = None, 0, 0
     for image_index, sample in enumerate(tqdm(iter_samples(urls), total=n_images, desc="codebook sample",
                                               unit="img", disable=not progress)):

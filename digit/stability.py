@@ -297,15 +297,13 @@ def sweep_assigners(features_dir: str | Path, codebook_meta: dict, ks: list[int]
     Same train features, same sampled points (codebook.json's seed and point count), same
     niter: only K differs. A K equal to the codebook's own reuses nothing and is refitted the same way.
     """
-    from digit.kmeans import Assigner, fit_kmeans, sample_features
-    from digit.shards import read_manifest, shard_urls
+    from digit.kmeans import Assigner, codebook_sample, fit_kmeans
+    from digit.shards import read_manifest
 
     manifest = read_manifest(features_dir)
     if manifest.get("encoder") != codebook_meta.get("encoder"):
         raise ConfigError(f"{features_dir}: features of encoder {manifest.get('encoder')} but the codebook was "
                           f"fitted on {codebook_meta.get('encoder')}; re-run `dvc repro codebook`")
-    gh, gw = manifest["encoder"]["grid"]
-    n_images = manifest["splits"]["train"]["count"]
     points = int(codebook_meta["points"])
     too_big = [k for k in ks if k > points]
     if too_big:
@@ -313,8 +311,7 @@ def sweep_assigners(features_dir: str | Path, codebook_meta: dict, ks: list[int]
                           "codebook was fitted on; drop them or raise codebook.max_points")
     if not ks:
         return {}
-    x = sample_features(shard_urls(features_dir, "train"), n_images, gh * gw, points, int(codebook_meta["seed"]),
-                        progress=progress)
+    x = codebook_sample(features_dir, points, int(codebook_meta["seed"]), progress=progress)
     out = {}
     for k in tqdm(ks, desc="k sweep codebooks", unit="codebook", disable=not progress):
         centroids, _ = fit_kmeans(x, k, int(codebook_meta["niter"]), int(codebook_meta["seed"]))
@@ -377,8 +374,8 @@ def image_batches(images_dir: str | Path, split: str, num_images: int, batch_siz
     if num_images:
         samples = (s for i, s in zip(range(num_images), samples))
     for batch in batched(samples, batch_size):
-        shapes = {s["png"].shape for s in batch}
+        shapes = {s["image"].shape for s in batch}
         if len(shapes) != 1:
             raise ConfigError(f"{images_dir}: {split} images of different shapes {sorted(shapes)}; "
                               "re-run `dvc repro prepare` (it stores one size)")
-        yield torch.from_numpy(np.stack([s["png"] for s in batch]))
+        yield torch.from_numpy(np.stack([s["image"] for s in batch]))

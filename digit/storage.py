@@ -5,7 +5,7 @@ renting GPUs) and the stages themselves, which call `require_space` with their a
 any heavy work. At ImageNet scale the worst failure is a full disk after hours; this turns it into
 an error in the first second that names both numbers.
 
-The figures are upper bounds before compression (PNG's ratio is a measured assumption, below).
+The figures are estimates from measured ratios (below), tokens before Parquet's compression.
 """
 
 from __future__ import annotations
@@ -15,20 +15,31 @@ from pathlib import Path
 
 from digit.errors import ConfigError
 
-# Bytes per stored image pixel (RGB): lossless PNG of natural photos is about half the raw bytes;
-# Fashion-MNIST's flat backgrounds compress to about a tenth (measured on the default shards).
-PNG_BYTES_PER_PIXEL = {"fashion-mnist": 0.3, "imagefolder": 1.5}
+# Bytes per stored image pixel, by data.image_format and data.source, measured (docs/scaling.md, "Storage"):
+# PNG of 256 px photographs (scikit-image's sample photos) 1.5, JPEG at quality 95 of the same 0.5
+# (0.40 over all eight, 0.44-0.60 for the five natural photos); Fashion-MNIST's 28 px PNGs 0.64, with
+# their headers (JPEG 1.1: its headers outweigh 784 pixels).
+BYTES_PER_PIXEL = {"png": {"fashion-mnist": 0.64, "imagefolder": 1.5},
+                   "jpeg": {"fashion-mnist": 1.1, "imagefolder": 0.5}}
+# A WebDataset shard is a tar: each member costs a 512-byte header and pads its data to 512 bytes.
+TAR_BLOCK = 512
 FEATURE_BYTES = 2  # float16 feature grids (stage extract)
 TOKEN_BYTES = 2    # uint16-equivalent per token position, before Parquet compression
 
 
-def image_bytes(n: int, size: int, source: str) -> float:
-    """n PNG images of size x size px (data shards, decoded samples)."""
-    return n * size * size * PNG_BYTES_PER_PIXEL[source]
+def tar_member(nbytes: float) -> float:
+    """Bytes of one tar member holding nbytes of data: a header block, the data, half a block of padding."""
+    return TAR_BLOCK + nbytes + TAR_BLOCK / 2
+
+
+def image_bytes(n: int, size: int, source: str, image_format: str = "png") -> float:
+    """n image samples of size x size px in shards (the image, its label and its origin as three members)."""
+    return n * (tar_member(size * size * BYTES_PER_PIXEL[image_format][source]) + 2 * tar_member(TAR_BLOCK / 2))
 
 
 def feature_bytes(n: int, positions: int, dim: int) -> float:
-    return n * positions * dim * FEATURE_BYTES
+    """n float16 arrays of positions x dim in shards (with its label member), e.g. one feature grid per image."""
+    return n * (tar_member(positions * dim * FEATURE_BYTES + 128) + tar_member(TAR_BLOCK / 2))
 
 
 def token_bytes(n: int, positions: int) -> float:

@@ -382,7 +382,7 @@ class ImageBatches(WindowedShards):
         self.window = window
 
     def shard(self, index: int) -> np.ndarray:
-        return np.stack([s["png"] for s in iter_samples([self.urls[index]])])
+        return np.stack([s["image"] for s in iter_samples([self.urls[index]])])
 
     def parts(self, index: int) -> tuple[np.ndarray]:
         return (self.shard(index),)

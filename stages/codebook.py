@@ -1,4 +1,5 @@
-"""Stage `codebook`: faiss K-Means over patch features sampled from the train shards.
+"""Stage `codebook`: faiss K-Means over patch features sampled from the train shards (or over the sample
+`extract` kept, with encoder.cache: sample: the same vectors).
 
 Writes models/codebook/centroids.npy (float32 [K, D]) and reports/codebook.json.
 """
@@ -14,9 +15,9 @@ import numpy as np
 from digit.atomic import atomic_dir, clean_stale_tmp, write_json
 from digit.cli import run, stage_parser
 from digit.errors import ConfigError
-from digit.kmeans import fit_kmeans, sample_features
+from digit.kmeans import codebook_sample, fit_kmeans
 from digit.params import load_params, seed_for
-from digit.shards import read_manifest, shard_urls
+from digit.shards import read_manifest
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
             "lower codebook.k or add train images (data.train_size)")
 
     started = time.time()
-    x = sample_features(shard_urls(args.features, "train"), n_images, gh * gw, cfg["max_points"], cfg["seed"])
+    x = codebook_sample(args.features, cfg["max_points"], cfg["seed"])
     sample_seconds = time.time() - started
     centroids, stats = fit_kmeans(x, cfg["k"], cfg["niter"], cfg["seed"])
 

@@ -1,7 +1,7 @@
 """Stage `prepare`: source images -> WebDataset shards data/images/{train,val}-NNNNNN.tar.
 
-Each sample: `__key__`, `png` (image at data.image_size), `cls` (label), and
-`json` (where it came from). A manifest lists shards, counts and classes.
+Each sample: `__key__`, the image at data.image_size (`png`, lossless, or `jpg` at data.jpeg_quality:
+data.image_format), `cls` (label), and `json` (where it came from); readers see either as "image". A manifest lists shards, counts and classes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from digit.atomic import atomic_dir, clean_stale_tmp, write_json
 from digit.cli import run, stage_parser
 from digit.errors import BadImageError, ConfigError
 from digit.params import load_params
-from digit.shards import ShardSink, encode_png, write_manifest
+from digit.shards import ShardSink, encode_image, write_manifest
 from digit.storage import image_bytes, require_space
 
 
@@ -80,17 +80,19 @@ def main() -> None:
         totals = {split: min(cfg["train_size" if split == "train" else "val_size"] or len(items[split]),
                              len(items[split])) for split in splits}  # before skipping unreadable files
 
-    require_space("prepare", out, image_bytes(sum(totals.values()), cfg["image_size"], cfg["source"]),
-                  f"{sum(totals.values()):,} PNG images")
+    require_space("prepare", out, image_bytes(sum(totals.values()), cfg["image_size"], cfg["source"],
+                                              cfg["image_format"]), f"{sum(totals.values()):,} images")
     clean_stale_tmp(out)
-    manifest = {"source": cfg["source"], "image_size": cfg["image_size"], "classes": classes, "splits": {}}
+    manifest = {"source": cfg["source"], "image_size": cfg["image_size"], "image_format": cfg["image_format"],
+                "classes": classes, "splits": {}}
     report = {"source": cfg["source"], "splits": {}}
     with atomic_dir(out) as tmp:
         for split, samples in splits.items():
             counts = np.zeros(len(classes), dtype=np.int64)
             with ShardSink(tmp, split, cfg["shard_size"]) as sink:
                 for key, image, label, meta in tqdm(samples, total=totals[split], desc=f"prepare {split}", unit="img"):
-                    sink.write({"__key__": key, "png": encode_png(image), "cls": str(label).encode(),
+                    ext, data = encode_image(image, cfg["image_format"], cfg["jpeg_quality"])
+                    sink.write({"__key__": key, ext: data, "cls": str(label).encode(),
                                 "json": json.dumps(meta).encode()})
                     counts[label] += 1
             if sink.total == 0:

@@ -35,7 +35,7 @@ def chosen_images(images: str, split: str, n: int, seed: int) -> tuple[np.ndarra
                           f"{split}_size")
     keep = set(stratified_subset(labels, n, seed).tolist())
     picked = [s for i, s in enumerate(iter_samples(urls)) if i in keep]
-    return (np.stack([s["png"] for s in picked]), np.array([s["cls"] for s in picked]),
+    return (np.stack([s["image"] for s in picked]), np.array([s["cls"] for s in picked]),
             [s["__key__"] for s in picked])
 
 

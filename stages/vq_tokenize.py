@@ -56,7 +56,7 @@ def main() -> None:
             samples = iter_samples(shard_urls(args.images, split))
             with tqdm(total=manifest["splits"][split]["count"], desc=f"vq_tokenize {split}", unit="img") as bar:
                 for batch in batched(samples, cfg["batch_size"]):
-                    images = torch.from_numpy(np.stack([s["png"] for s in batch])).to(device)
+                    images = torch.from_numpy(np.stack([s["image"] for s in batch])).to(device)
                     ids = model.encode(images).reshape(len(batch), -1).cpu().numpy()
                     counts += np.bincount(ids.ravel(), minlength=k)
                     writer.write([s["__key__"] for s in batch], [s["cls"] for s in batch], ids)

@@ -347,7 +347,7 @@ def test_random_arm_stability_rebuilds_the_seeded_network(full_repo, tmp_path):
     images = [s for _, s in zip(range(20), iter_samples(shard_urls(repo / "data/images", "val")))]
     assert [s["__key__"] for s in stored] == [s["__key__"] for s in images]
     expected = np.stack([s["npy"] for s in stored]).astype(np.float32)
-    x = torch.from_numpy(np.stack([s["png"] for s in images]))
+    x = torch.from_numpy(np.stack([s["image"] for s in images]))
     encoder, _, _ = load_tokenizer(repo / "models/codebook")
     scale = float(np.abs(expected).max())
     np.testing.assert_allclose(encoder(x).numpy(), expected, rtol=2e-3, atol=2e-3 * scale)

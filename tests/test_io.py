@@ -136,7 +136,7 @@ def test_shards_roundtrip_and_are_byte_deterministic(tmp_path):
     assert a.read_bytes() == b.read_bytes()
     got = list(iter_samples([str(a)]))
     assert [s["__key__"] for s in got] == ["k0", "k1", "k2"]
-    assert got[0]["png"].shape == (28, 28, 3) and (got[0]["png"][..., 0] == img).all()
+    assert got[0]["image"].shape == (28, 28, 3) and (got[0]["image"][..., 0] == img).all()
     assert got[1]["npy"].dtype == np.float16 and (got[1]["npy"] == feat).all()
     assert got[2]["cls"] == 3 and got[2]["json"] == {"i": 2}
     # Object-storage style URLs: webdataset's pipe: opener streams the same samples.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+import tarfile
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -102,3 +104,41 @@ def test_two_process_extract_matches_one_process(tiny_repo, tmp_path):
             np.testing.assert_allclose(s["npy"].astype(np.float32), one[s["__key__"]].astype(np.float32),
                                        rtol=2e-3, atol=1e-3)
     assert not list(repo.glob(".features2.tmp-*"))
+
+
+def test_sample_cache_keeps_a_fraction_of_the_bytes_and_gives_the_same_codebook_and_tokens(tiny_repo, tmp_path):
+    """encoder.cache: sample (the ImageNet presets' storage): extract keeps only the codebook's draw, tokenize
+    encodes the images again in the same shard-wise batches, so every byte of the codebook and the tokens is
+    what the cached grids gave."""
+    repo = tmp_path / "repo"
+    sh(f"cp -a {tiny_repo} {repo}", tmp_path)
+    update_params(repo / "params.yaml", {"encoder": {"cache": "sample"}})
+    out = dvc("repro tokenize", repo).stdout
+    assert stages_ran(out) == {"extract", "codebook", "tokenize"}, out
+    manifest = read_manifest(repo / "data" / "features")
+    assert manifest["cache"] == "sample" and manifest["sample"]["points"] == 4000 and list(manifest["splits"]) == ["train"]
+    assert sum(len(s["npy"]) for s in iter_samples(shard_urls(repo / "data" / "features", "train"))) == 4000
+
+    def size(root):
+        return sum(p.stat().st_size for p in (root / "data" / "features").iterdir())
+
+    assert size(repo) < size(tiny_repo) / 2  # 4,000 of 250 x 49 = 12,250 vectors
+    for path in ("models/codebook/centroids.npy", "data/tokens/train.parquet", "data/tokens/val.parquet"):
+        assert (repo / path).read_bytes() == (tiny_repo / path).read_bytes(), path
+
+
+def test_jpeg_shards_read_as_images_like_png(tiny_repo, tmp_path):
+    """data.image_format: jpeg writes .jpg members; every reader gets them as sample["image"], close to the PNG."""
+    params = tmp_path / "params.yaml"
+    params.write_text((tiny_repo / "params.yaml").read_text())
+    update_params(params, {"data": {"image_format": "jpeg", "jpeg_quality": 95}})
+    sh(stage_cmd("prepare", "--out", str(tmp_path / "images"), "--report", str(tmp_path / "p.json"),
+                 "--params", str(params)), tiny_repo, env={"PYTHONPATH": str(tiny_repo)})
+    assert read_manifest(tmp_path / "images")["image_format"] == "jpeg"
+    url = shard_urls(tmp_path / "images", "val")[0]
+    jpeg, png = list(iter_samples([url])), list(iter_samples([shard_urls(tiny_repo / "data" / "images", "val")[0]]))
+    assert [s["__key__"] for s in jpeg] == [s["__key__"] for s in png]
+    with tarfile.open(url) as tar:
+        assert {Path(name).suffix for name in tar.getnames()} == {".jpg", ".cls", ".json"}
+    error = np.mean([np.abs(a["image"].astype(float) - b["image"].astype(float)).mean() for a, b in zip(jpeg, png)])
+    assert jpeg[0]["image"].shape == png[0]["image"].shape == (28, 28, 3) and 0 < error < 3

@@ -116,7 +116,7 @@ def test_imagefolder_skip_counts_bad_files_and_fail_names_the_first(tmp_path):
     from digit.shards import iter_samples, shard_urls
 
     samples = [s for split in ("train", "val") for s in iter_samples(shard_urls(tmp_path / "images", split))]
-    assert len(samples) == 13 and all(s["png"].shape == (24, 24, 3) for s in samples)
+    assert len(samples) == 13 and all(s["image"].shape == (24, 24, 3) for s in samples)
     assert {s["json"]["path"] for s in samples} >= {"cat/gray.png", "dog/rgba.png", "dog/deep16.png"}
 
     proc = run_stage(tmp_path, "prepare", {"data": {**data, "on_bad_image": "fail"}},
