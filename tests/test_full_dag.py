@@ -280,7 +280,7 @@ def test_a_stage_that_would_fill_its_disk_refuses_before_any_work(full_repo, tmp
             "extract": ["--images", "data/images", "--report", str(tmp_path / "r.json")],
             "tokenize": ["--features", "data/features", "--report", str(tmp_path / "r.json")],
             "vq_tokenize": ["--report", str(tmp_path / "r.json")]}
-    what = {"prepare": "250 PNG images", "extract": "250 float16 feature grids", "tokenize": "250 token sequences",
+    what = {"prepare": "250 images", "extract": "250 float16 feature grids", "tokenize": "250 token sequences",
             "vq_tokenize": "250 token sequences"}
     for name, args in runs.items():
         out = tmp_path / name

@@ -14,6 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import dvc, needs_fmnist, sh, update_params
+from digit.errors import ConfigError
+from digit.kmeans import codebook_sample
 from digit.shards import iter_samples, read_manifest, shard_urls
 from digit.tokens import read_tokens
 from helpers import stage_cmd, stages_ran
@@ -125,6 +127,11 @@ def test_sample_cache_keeps_a_fraction_of_the_bytes_and_gives_the_same_codebook_
     assert size(repo) < size(tiny_repo) / 2  # 4,000 of 250 x 49 = 12,250 vectors
     for path in ("models/codebook/centroids.npy", "data/tokens/train.parquet", "data/tokens/val.parquet"):
         assert (repo / path).read_bytes() == (tiny_repo / path).read_bytes(), path
+    # The kept sample answers only for its own draw: another size or seed is sent back to extract.
+    for max_points, seed in ((3000, 0), (4000, 1)):
+        with pytest.raises(ConfigError, match=r"holds the sample drawn with max_points=4000, seed 0, .*"
+                                              r"re-run `dvc repro extract`"):
+            codebook_sample(repo / "data" / "features", max_points, seed, progress=False)
 
 
 def test_jpeg_shards_read_as_images_like_png(tiny_repo, tmp_path):
