@@ -95,3 +95,19 @@ def test_cli_json_on_this_cpu(capsys, monkeypatch):
     assert out["devices"] == 1 and out["peaks_flops"]["fp32"] == 1e11
     train = next(s for s in out["stages"] if s["stage"] == "train@digit")
     assert train["seconds"] == pytest.approx(train["flops"] / (1e11 * 0.4))
+
+
+def test_set_overrides_a_key_as_dvc_exp_run_does(capsys, monkeypatch):
+    """-S gpt.max_steps=N scales the GPT's training FLOPs with N; an unknown key or a bad value is refused."""
+    def train_flops(*overrides):
+        monkeypatch.setattr("sys.argv", ["digit.cost", "imagenet-digit-base", "--json", *overrides])
+        cost.main()
+        stages = json.loads(capsys.readouterr().out)["stages"]
+        return next(s["flops"] for s in stages if s["stage"] == "train@digit")
+
+    assert train_flops("-S", "gpt.max_steps=400000") == pytest.approx(2 * train_flops(), rel=1e-3)
+    for bad, message in (("gpt.max_step=5", "expected an existing SECTION.KEY=VALUE"),
+                         ("gpt.max_steps=-1", "gpt.max_steps: -1 is below the minimum")):
+        monkeypatch.setattr("sys.argv", ["digit.cost", "imagenet-digit-base", "-S", bad])
+        with pytest.raises(ConfigError, match=message):
+            cost.main()
