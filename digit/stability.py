@@ -207,7 +207,7 @@ def load_tokenizer(codebook_dir: str | Path, device: str | torch.device = "cpu")
         raise ConfigError(f"{centroids_path}: expected a [k, dim] array, got shape {centroids.shape}")
     # Records written before the pixels/random controls existed have neither key.
     encoder = build_encoder(enc["name"], enc["weights"], enc["layer"], enc["img_size"],
-                            enc.get("patch_size", 16), enc.get("seed", 0)).to(device)
+                            enc.get("patch_size", 16), enc.get("seed", 0), enc.get("model_kwargs")).to(device)
     if centroids.shape[1] != encoder.dim:
         raise ConfigError(f"{centroids_path}: centroids have dim {centroids.shape[1]} but encoder "
                           f"{enc['name']} layer {enc['layer']} gives {encoder.dim}; re-run `dvc repro codebook`")

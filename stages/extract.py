@@ -24,7 +24,7 @@ from tqdm import tqdm
 from digit.atomic import publish, write_json
 from digit.cli import run, stage_parser
 from digit.distributed import finish, make_accelerator, shared_tmp_output
-from digit.encoders import build_encoder, describe, encoder_geometry
+from digit.encoders import build_encoder, describe, encoder_geometry, resolve_encoder
 from digit.params import load_params, seed_for
 from digit.features import encode_shard
 from digit.kmeans import rows_in_image, sample_indices
@@ -34,6 +34,7 @@ from digit.storage import feature_bytes, require_space
 def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--images", default="data/images")
+    parser.add_argument("--encoder", default="models/encoder", help="stage train_encoder's folder")
     parser.add_argument("--out", default="data/features")
     parser.add_argument("--report", default="reports/extract.json")
     args = parser.parse_args()
@@ -41,7 +42,8 @@ def main() -> None:
     cfg = params["encoder"]
     images_manifest = read_manifest(args.images)
     # before any heavy work: the settings, then the disk
-    geometry = encoder_geometry(cfg["name"], cfg["weights"], cfg["layer"], cfg["img_size"], cfg["patch_size"])
+    weights, model_kwargs = resolve_encoder(cfg, args.encoder)  # "trained": train_encoder's weights
+    geometry = encoder_geometry(cfg["name"], weights, cfg["layer"], cfg["img_size"], cfg["patch_size"], model_kwargs)
     positions = geometry["grid"][0] * geometry["grid"][1]
     splits = ("train", "val") if cfg["cache"] == "grids" else ("train",)
     n_images = sum(images_manifest["splits"][split]["count"] for split in splits)
@@ -69,8 +71,8 @@ def main() -> None:
     # All ranks must write into the same fresh temporary directory: rank 0 makes it; a failing
     # rank removes it again (a full disk gets its space back).
     with shared_tmp_output(accelerator, out) as tmp:
-        encoder = build_encoder(cfg["name"], cfg["weights"], cfg["layer"], cfg["img_size"], cfg["patch_size"],
-                                seed).to(accelerator.device)
+        encoder = build_encoder(cfg["name"], weights, cfg["layer"], cfg["img_size"], cfg["patch_size"],
+                                seed, model_kwargs).to(accelerator.device)
         mine = [(split, i, url) for split in splits
                 for i, url in enumerate(shard_urls(args.images, split)) if i % world == rank]
         total = sum(images_manifest["splits"][s]["counts"][i] for s, i, _ in mine)

@@ -26,17 +26,15 @@ from digit.storage import require_space, token_bytes
 from digit.tokens import TokenWriter, token_schema, token_stats
 
 
-def reencoder(manifest: dict, params: dict, features: str):
+def reencoder(manifest: dict, params: dict, features: str, encoder_dir: str):
     """The encoder extract used (encoder.cache: sample), rebuilt from params and checked against its record."""
     import torch
 
-    from digit.encoders import build_encoder, describe
+    from digit.encoders import describe, encoder_from_params
     from digit.params import seed_for
 
-    e = params["encoder"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = build_encoder(e["name"], e["weights"], e["layer"], e["img_size"], e["patch_size"],
-                            seed_for(params, None)).to(device)
+    encoder = encoder_from_params(params["encoder"], encoder_dir, seed_for(params, None)).to(device)
     if json.loads(json.dumps(describe(encoder))) != manifest["encoder"]:
         raise ConfigError(f"{features} was extracted with another encoder ({manifest['encoder']}) than the encoder.* "
                           f"params give; re-run `dvc repro extract`")
@@ -48,6 +46,7 @@ def main() -> None:
     parser.add_argument("--images", default="data/images", help="encoded here when extract kept only the sample")
     parser.add_argument("--features", default="data/features")
     parser.add_argument("--codebook", default="models/codebook")
+    parser.add_argument("--encoder", default="models/encoder", help="stage train_encoder's folder (encoder.cache: sample)")
     parser.add_argument("--out", default="data/tokens")
     parser.add_argument("--report", default="reports/tokens.json")
     args = parser.parse_args()
@@ -60,7 +59,7 @@ def main() -> None:
     if dim != manifest["encoder"]["dim"]:
         raise ConfigError(f"{args.codebook}: centroids have dim {dim} but the features have "
                           f"{manifest['encoder']['dim']}; re-run `dvc repro codebook`")
-    encoder = reencoder(manifest, params, args.features) if manifest.get("cache") == "sample" else None
+    encoder = reencoder(manifest, params, args.features, args.encoder) if manifest.get("cache") == "sample" else None
     source = read_manifest(args.images if encoder else args.features)
     rows_of = {split: source["splits"][split]["count"] for split in ("train", "val")}
     rows = sum(rows_of.values())

@@ -223,11 +223,11 @@ def test_k_sweep_at_the_codebooks_own_k_reproduces_the_main_change_rates(full_re
 
 # ----------------------------------------------------------------- base.seed in the DAG
 # tokenize: with encoder.cache=sample it builds the encoder too (the seed of a random init)
-SEEDED_STAGES = {"extract", "codebook", "tokenize", "train_vqgan", "train@digit", "train@vq", "sample@digit",
+SEEDED_STAGES = {"train_encoder", "extract", "codebook", "tokenize", "train_vqgan", "train@digit", "train@vq", "sample@digit",
                  "sample@vq", "train_decoder", "train_stage2@ar", "decode@direct", "decode@stage2_ar", "decode@vqgan", "stability"}
-# A new encoder changes the DiGIT tokens and what depends on them; images, reference and the whole VQ arm
+# A new encoder (train_encoder records it) changes the DiGIT tokens and what depends on them; images, reference and the whole VQ arm
 # (VQGAN, VQ tokens, its GPT, samples, renders and score) are kept.
-DIGIT_TOKEN_STAGES = {"extract", "codebook", "tokenize", "train@digit", "sample@digit", "probe@digit", "train_decoder",
+DIGIT_TOKEN_STAGES = {"train_encoder", "extract", "codebook", "tokenize", "train@digit", "sample@digit", "probe@digit", "train_decoder",
                       "train_stage2@ar", "decode@direct", "decode@stage2_ar", "score@direct", "score@stage2_ar",
                       "stability", "evaluate"}
 
@@ -333,7 +333,7 @@ def test_random_arm_stability_rebuilds_the_seeded_network(full_repo, tmp_path):
     repo = _copy(full_repo, tmp_path / "repo")
     update_params(repo / "params.yaml", {"encoder": {"weights": "none"}, "base": {"seed": 3}})
     proc = dvc("repro stability", repo)
-    assert stages_ran(proc.stdout) == {"extract", "codebook", "train_vqgan", "stability"}, proc.stdout
+    assert stages_ran(proc.stdout) == {"train_encoder", "extract", "codebook", "train_vqgan", "stability"}, proc.stdout
     seed = 3 * SEED_STRIDE
     assert json.loads((repo / "reports/extract.json").read_text())["seed"] == seed
     meta = json.loads((repo / "models/codebook/codebook.json").read_text())

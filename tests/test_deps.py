@@ -43,10 +43,17 @@ EXEMPT = {
     "digit/errors.py": (
         "exception classes with a docstring and no body (ConfigError, BadImageError, ...): the message a "
         "stage prints is built where it raises, and the classes compute nothing"),
+    "digit/schema.py": (
+        "the params.yaml schema: validate() reads the parameters and returns one message per problem (type, "
+        "range, unknown or missing key, cross-field rule), and load_params raises them; it never changes a "
+        "value a stage reads (load_params returns the YAML as read), so an edit can only make a stage refuse "
+        "or accept its params, never change what it writes. DVC tracks every value itself, key by key"),
 }
 # What test_exempt_modules_are_only_glue pins, so that new code in an exempt module forces a review here.
 CLI_FUNCTIONS = {"stage_parser", "run", "require_git_commit"}
 CLI_PROJECT_IMPORTS = {"digit/atomic.py", "digit/errors.py"}
+SCHEMA_NAMES = {"Spec", "_names", "PRECISIONS", "SCHEMA", "_flatten", "validate"}
+SCHEMA_PROJECT_IMPORTS = {"digit/params.py", "digit/precision.py"}
 
 FIX = ("Fix dvc.yaml: add each missing module to the stage's deps in dvc.yaml (stages re-run only when a "
        "dep changes, so a module left out lets `dvc repro` keep outputs of old code); remove each 'listed but "
@@ -145,6 +152,28 @@ def test_exempt_modules_are_only_glue():
     imports = {rel(f) for f in direct_imports(cli, ROOT)} - {"digit/__init__.py"}
     assert imports == CLI_PROJECT_IMPORTS, \
         f"digit/cli.py imports {sorted(imports)}, reviewed: {sorted(CLI_PROJECT_IMPORTS)}; {review}"
+
+    # digit/schema.py: the reviewed names only, importing the seed constants (params) and, for the precision
+    # rule, digit.precision; load_params hands back the tree it validated, unchanged.
+    schema = ROOT / "digit/schema.py"
+    names = set()
+    for stmt in ast.parse(schema.read_text()).body:
+        if is_docstring(stmt) or isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            continue
+        assert isinstance(stmt, (ast.FunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)), \
+            f"digit/schema.py line {stmt.lineno}: module-level code beyond definitions; {review}"
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [getattr(stmt, "target", stmt)]
+        names |= {getattr(t, "id", getattr(t, "name", None)) for t in targets}
+    assert names == SCHEMA_NAMES, f"digit/schema.py defines {sorted(names)}, reviewed: {sorted(SCHEMA_NAMES)}; {review}"
+    imports = {rel(f) for f in direct_imports(schema, ROOT)} - {"digit/__init__.py"}
+    assert imports == SCHEMA_PROJECT_IMPORTS, \
+        f"digit/schema.py imports {sorted(imports)}, reviewed: {sorted(SCHEMA_PROJECT_IMPORTS)}; {review}"
+    from digit.params import Yaml12Loader, load_params
+
+    text = (ROOT / "params.yaml").read_text()
+    import yaml
+
+    assert load_params(ROOT / "params.yaml") == yaml.load(text, Loader=Yaml12Loader)
 
 
 def test_inert_package_inits_are_not_read(stages):

@@ -25,7 +25,7 @@ from helpers import dvc_stages, kill_after_checkpoint, llamagen_checkpoint, stag
 pytestmark = [needs_fmnist, pytest.mark.slow]
 
 # Every stage of the DAG, foreach items expanded (what `dvc repro` runs from scratch).
-STAGES = {"prepare", "extract", "codebook", "tokenize", "reference", "train_vqgan", "vq_tokenize",
+STAGES = {"prepare", "train_encoder", "extract", "codebook", "tokenize", "reference", "train_vqgan", "vq_tokenize",
           "train@digit", "train@vq", "sample@digit", "sample@vq", "probe@digit", "probe@vq", "train_decoder",
           "train_stage2@ar", "decode@direct", "decode@stage2_ar", "decode@vqgan", "score@direct",
           "score@stage2_ar", "score@vqgan", "stability", "evaluate"}

@@ -17,7 +17,8 @@ from conftest import ROOT
 from digit.artifact import load_weights, read_artifact, save_artifact
 from digit.atomic import atomic_dir, atomic_file
 from digit.errors import ConfigError
-from digit.params import Yaml12Loader, load_params, validate
+from digit.params import Yaml12Loader, load_params
+from digit.schema import validate
 from digit.shards import ShardSink, WindowedShards, encode_npy, encode_png, iter_samples
 from digit.tokens import TokenWriter, read_metadata, read_tokens, token_schema, token_stats
 
@@ -79,14 +80,15 @@ def test_precision_auto_resolves_per_device_and_bf16_is_refused_where_emulated(m
 def test_params_read_as_dvc_writes_them(tmp_path):
     """`dvc exp run -S` rewrites params.yaml as YAML 1.2: `precision: "no"` becomes `precision: no`."""
     text = (ROOT / "params.yaml").read_text()
-    assert text.count("precision: auto ") == 3 and text.count('precision: "no" ') == 1  # gpt/vqgan/stage2, decoder
+    # gpt/vqgan/stage2/train_encoder, decoder
+    assert text.count("precision: auto ") == 4 and text.count('precision: "no" ') == 1
     # as after `dvc exp run -S gpt.precision=no ...`: auto keys set to no, and the quoted "no" written bare
     text = text.replace("precision: auto ", "precision: no ").replace('precision: "no" ', "precision: no ")
-    assert text.count("precision: no ") == 4
+    assert text.count("precision: no ") == 5
     path = tmp_path / "params.yaml"
     path.write_text(text)
     params = load_params(path)  # YAML 1.1 would read `no` as False and fail validation
-    assert all(params[s]["precision"] == "no" for s in ("gpt", "decoder", "vqgan", "stage2"))
+    assert all(params[s]["precision"] == "no" for s in ("gpt", "decoder", "vqgan", "stage2", "train_encoder"))
     assert params["gpt"]["class_conditional"] is True and params["stability"]["snr_db"][-1] == 0.01
 
 

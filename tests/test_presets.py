@@ -13,11 +13,12 @@ import torch
 import yaml
 
 from conftest import ROOT, sh
-from digit import params as schema
+from digit import schema
 from digit.encoders import encoder_geometry
 from digit.errors import ConfigError
 from digit.gpt import GPT, GPTConfig
-from digit.params import Yaml12Loader, _flatten, validate
+from digit.params import Yaml12Loader
+from digit.schema import _flatten, validate
 from digit.preset import load_preset, names, overlay, set_flags
 
 PRESET = [sys.executable, "-m", "digit.preset"]

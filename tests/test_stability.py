@@ -237,13 +237,13 @@ def test_missing_inputs_are_config_errors(tmp_path, stage_inputs):
 
 
 def _schema_has_stability() -> bool:
-    from digit.params import SCHEMA
+    from digit.schema import SCHEMA
 
     return "stability.snr_db" in SCHEMA
 
 
 @needs_fmnist
-@pytest.mark.skipif(not _schema_has_stability(), reason="digit/params.py has no stability.* keys yet")
+@pytest.mark.skipif(not _schema_has_stability(), reason="digit/schema.py has no stability.* keys yet")
 def test_stage_cli(stage_inputs, tmp_path):
     images, cb = stage_inputs
     params = yaml.load((ROOT / "params.yaml").read_text(), Loader=Yaml12Loader)
@@ -268,7 +268,7 @@ def test_stage_cli(stage_inputs, tmp_path):
     expect_error(sh([*args, "--codebook", str(tmp_path / "none")], ROOT, check=False, env=env), "centroids.npy")
 
 
-@pytest.mark.skipif(not _schema_has_stability(), reason="digit/params.py has no stability.* keys yet")
+@pytest.mark.skipif(not _schema_has_stability(), reason="digit/schema.py has no stability.* keys yet")
 @pytest.mark.parametrize("snr_db", [[], [20, "x"], 20])
 def test_params_file_with_bad_snr_list(tmp_path, snr_db):
     from digit.params import load_params
