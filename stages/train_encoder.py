@@ -82,7 +82,9 @@ def main() -> None:
         return
 
     # before any heavy work: the architecture and the grid the DAG expects
-    cfg = {**params["train_encoder"], "seed": seed_for(params, "train_encoder")}  # moved by base.seed
+    cfg = {**params["train_encoder"], "seed": seed_for(params, "train_encoder"),  # moved by base.seed
+           # in the checkpoints' fingerprint too: a run of another ViT never resumes this one's checkpoint
+           "encoder": {k: enc[k] for k in ("name", "img_size")}}
     kwargs = model_kwargs(cfg)
     patch = check_vit(enc["name"], enc["img_size"], kwargs, cfg["local_crop_size"])
     grid = tuple(encoder_geometry(enc["name"], "none", enc["layer"], enc["img_size"], 16, kwargs)["grid"])
@@ -92,10 +94,7 @@ def main() -> None:
                           f"{grid[0]}x{grid[1]} grid, but the DAG's token grid is vqgan.grid={want}: set "
                           f"encoder.img_size={want * patch}")
     require_git_commit()
-    train = ImageBatches(args.images, "train", cfg["shuffle_shards"])
-    if train.num_rows < cfg["batch_size"]:
-        raise ConfigError(f"train_encoder.batch_size: {cfg['batch_size']} is more than the {train.num_rows} "
-                          "train images; lower it")
+    train = ImageBatches(args.images, "train", cfg["shuffle_shards"])  # (too few images: Trainer.stream says so)
 
     from lightly.loss import DINOLoss
     from lightly.utils.scheduler import cosine_schedule
