@@ -183,7 +183,14 @@ def read_record(directory: str | Path) -> dict:
 def resolve_encoder(cfg: dict, directory: str | Path) -> tuple[str, dict]:
     """(weights to load, timm keywords) for the encoder.* params `cfg`, from train_encoder's folder.
 
-    A folder made for other encoder settings is refused, naming the stage that re-makes it."""
+    A folder made for other encoder settings is refused, naming the stage that re-makes it; bad encoder.*
+    settings are named first (the folder cannot fit them anyway). In the DAG the folder is always there (a
+    dep of every stage that encodes); a frozen encoder run by hand without it is not checked, a trained one
+    needs it."""
+    if cfg["weights"] != TRAINED:
+        validate_encoder(cfg["name"], cfg["weights"], cfg["layer"], cfg["img_size"], cfg["patch_size"])
+        if not (Path(directory) / RECORD).is_file():
+            return cfg["weights"], {}  # a stage run outside the DAG: nothing recorded to check against
     record = read_record(directory)
     made_for = {k: record.get(k) for k in ("name", "weights", "img_size")}
     wanted = {k: cfg[k] for k in ("name", "weights", "img_size")}
