@@ -79,7 +79,7 @@ bench: setup
 # The tokenizer ablation: the default arm (DiGIT beside VQ tokens, every renderer) is the workspace
 # run; the controls are queued experiments with the same GPT/decoder budget and seeds, run one at a time.
 # abl-ssl*: a ViT trained here without labels (stage train_encoder, DINO), with and without noise and blur
-# among its augmentations (docs/results.md, "A self-supervised encoder").
+# among its augmentations (docs/results.md, "A self-supervised encoder trained here").
 ABLATION_ARMS := \
 	"abl-pixels -S encoder.name=pixels -S encoder.weights=none" \
 	"abl-random -S encoder.weights=none" \
