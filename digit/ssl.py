@@ -177,13 +177,15 @@ def normalized(views: list[torch.Tensor], mean, std) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def pooled_features(encoder, batches) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean over the token grid of a frozen FeatureEncoder's features, per image, with the labels:
-    what a linear probe of the encoder reads. `batches` yields (uint8 images [B, H, W, 3], labels [B])."""
-    feats, labels = [], []
+def pooled_features(encoders: dict, batches) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Mean over the token grid of each frozen FeatureEncoder's features, per image, with the labels:
+    what a linear probe of an encoder reads. `batches` yields (uint8 images [B, H, W, 3], labels [B]);
+    each batch is read once and goes through every encoder."""
+    feats, labels = {name: [] for name in encoders}, []
     for images, y in batches:
-        feats.append(encoder(torch.from_numpy(images)).float().mean(dim=(1, 2)).cpu())
+        for name, encoder in encoders.items():
+            feats[name].append(encoder(images).float().mean(dim=(1, 2)).cpu())
         labels.append(torch.as_tensor(y))
-    if not feats:
+    if not labels:
         raise ConfigError("the encoder probe got no images; raise train_encoder.probe_images")
-    return torch.cat(feats), torch.cat(labels).long()
+    return {name: torch.cat(f) for name, f in feats.items()}, torch.cat(labels).long()

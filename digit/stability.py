@@ -366,8 +366,10 @@ def measure_vq(model, batches: Iterable[torch.Tensor], snr_db: list[float], seed
     return out
 
 
-def image_batches(images_dir: str | Path, split: str, num_images: int, batch_size: int) -> Iterator[torch.Tensor]:
-    """uint8 [B, H, W, 3] batches of the first num_images (0 = all) images of a split, in shard order."""
+def image_batches(images_dir: str | Path, split: str, num_images: int, batch_size: int,
+                  labels: bool = False) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 [B, H, W, 3] batches of the first num_images (0 = all) images of a split, in shard order;
+    with labels, (images, class indices [B]) pairs."""
     from digit.shards import batched, iter_samples, shard_urls
 
     samples = iter_samples(shard_urls(images_dir, split))
@@ -378,4 +380,5 @@ def image_batches(images_dir: str | Path, split: str, num_images: int, batch_siz
         if len(shapes) != 1:
             raise ConfigError(f"{images_dir}: {split} images of different shapes {sorted(shapes)}; "
                               "re-run `dvc repro prepare` (it stores one size)")
-        yield torch.from_numpy(np.stack([s["image"] for s in batch]))
+        images = torch.from_numpy(np.stack([s["image"] for s in batch]))
+        yield (images, torch.as_tensor([int(s["cls"]) for s in batch])) if labels else images

@@ -30,27 +30,20 @@ from digit.encoders import RECORD, TRAINED, TRAINED_WEIGHTS, build_encoder, enco
 from digit.errors import ConfigError
 from digit.params import load_params, seed_for
 from digit.probe import fit_linear_probe
-from digit.shards import batched, iter_samples, shard_urls
 from digit.ssl import (add_noise, at_encoder_size, check_vit, make_views, model_kwargs, normalized, pooled_features, seed_step,
                        student_and_teacher, view_transform)
+from digit.stability import image_batches
 from digit.trainer import Trainer, lr_lambda
 from digit.vqgan import ImageBatches
 
 
-def labelled_batches(images: str, split: str, limit: int, batch_size: int):
-    """(uint8 images [B, H, W, 3], labels [B]) of the first `limit` images of a split (0 = all), in order."""
-    samples = iter_samples(shard_urls(images, split))
-    if limit:
-        samples = (s for _, s in zip(range(limit), samples))
-    for batch in batched(samples, batch_size):
-        yield np.stack([s["image"] for s in batch]), np.array([s["cls"] for s in batch])
-
-
-def probe(encoder, images: str, cfg: dict, n_classes: int, seed: int) -> dict:
-    """Top-1 of a linear probe on the encoder's grid-mean features: first probe_images train images, all val."""
-    x_train, y_train = pooled_features(encoder, labelled_batches(images, "train", cfg["probe_images"], 256))
-    x_val, y_val = pooled_features(encoder, labelled_batches(images, "val", 0, 256))
-    return fit_linear_probe(x_train, y_train, x_val, y_val, n_classes, cfg["probe_steps"], 1e-4, seed)
+def probes(encoders: dict, images: str, cfg: dict, n_classes: int, seed: int) -> dict:
+    """Top-1 of a linear probe on each encoder's grid-mean features: first probe_images train images, all val
+    (the images are read once for all encoders)."""
+    x_train, y_train = pooled_features(encoders, image_batches(images, "train", cfg["probe_images"], 256, labels=True))
+    x_val, y_val = pooled_features(encoders, image_batches(images, "val", 0, 256, labels=True))
+    return {name: fit_linear_probe(x_train[name], y_train, x_val[name], y_val, n_classes, cfg["probe_steps"],
+                                   1e-4, seed) for name in encoders}
 
 
 def publish_frozen(encoder_cfg: dict, out: Path, report: str, live: Path) -> None:
@@ -160,7 +153,7 @@ def main() -> None:
         return {"train/loss": accelerator.reduce(loss.detach(), "mean").item(), "train/lr": lr,
                 "train/momentum": momentum}
 
-    val_images = next(iter(labelled_batches(args.images, "val", 256, 256)))[0]
+    val_images = next(iter(image_batches(args.images, "val", 256, 256))).numpy()
 
     @torch.no_grad()
     def validate() -> dict:
@@ -196,13 +189,13 @@ def main() -> None:
                                     cfg["seed"], kwargs).to(device)
             random_init = build_encoder(enc["name"], "none", enc["layer"], enc["img_size"], 16, cfg["seed"],
                                         kwargs).to(device)
-            probes = {name: probe(e, args.images, cfg, n_classes, cfg["seed"])
-                      for name, e in (("probe", trained), ("random_init_probe", random_init))}
-        live.summary.update({k: v["val_top1"] for k, v in probes.items()})
-        write_json(args.report, {**record, **probes, "layer": enc["layer"], "train_seconds": round(seconds, 1),
+            probed = probes({"probe": trained, "random_init_probe": random_init}, args.images, cfg, n_classes,
+                            cfg["seed"])
+        live.summary.update({k: v["val_top1"] for k, v in probed.items()})
+        write_json(args.report, {**record, **probed, "layer": enc["layer"], "train_seconds": round(seconds, 1),
                                  "images_seen": cfg["max_steps"] * B * world})
         print(f"train_encoder: DINO {cfg['max_steps']} steps, pooled-feature probe top-1 "
-              f"{probes['probe']['val_top1']:.4f} (random init {probes['random_init_probe']['val_top1']:.4f}) "
+              f"{probed['probe']['val_top1']:.4f} (random init {probed['random_init_probe']['val_top1']:.4f}) "
               f"-> {out}")
 
     trainer.publish(publish)
