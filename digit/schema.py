@@ -212,7 +212,7 @@ SCHEMA: dict[str, Spec] = {
     "stage2.seed": Spec(int, min=0, max=SEED_STRIDE - 1),
     # decode
     "decode.batch_size": Spec(int, min=1),
-    "decode.grid_columns": Spec(int, min=1, max=64, help="samples per class in reports/samples.png"),
+    "decode.grid_columns": Spec(int, min=1, max=64, help="samples per class row in reports/samples/<renderer>.png"),
     "decode.seed": Spec(int, min=0, max=SEED_STRIDE - 1, help="draws of the stage-2 decoders"),
     # reference + evaluate
     "evaluate.inception_weights": Spec(str, help="offline | hub | path to an inception-v3-compat state dict"),

@@ -115,6 +115,22 @@ def test_stage_deps_list_the_code_they_run(stages):
                     pytrace=False)
 
 
+def test_every_stage_can_enter_the_run_cache():
+    """DVC saves a stage to its run cache only when each uncached out (`cache: false`) is a metric or a plot
+    (dvc/stage/__init__.py, `reproduce`). One plain uncached folder, and every arm or experiment that returns
+    to an earlier setting of that stage runs it again (train_encoder's DVCLive folder once did: each SSL arm
+    trained its ViT anew)."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        blocked = [f"  {stage.addressing}: {out.def_path}" for stage in repo.index.stages for out in stage.outs
+                   if not out.use_cache and not (out.is_metric or out.is_plot)]
+    if blocked:
+        pytest.fail("outs with `cache: false` that are neither metrics nor plots keep their stage out of DVC's run "
+                    "cache:\n" + "\n".join(blocked) + "\ncache them (drop `cache: false`), or declare the files "
+                    "under `metrics:`/`plots:`", pytrace=False)
+
+
 def test_exempt_modules_are_only_glue():
     """Each EXEMPT entry exists, and still holds only what its reason says (new code there needs a review)."""
     for path, reason in EXEMPT.items():
