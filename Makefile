@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup dataset weights plots-template plots plots-diff repro test test-fast paper-smoke bench ablation seeds clean report
+.PHONY: setup dataset weights plots-template plots plots-diff repro test test-fast paper-smoke bench ablation seeds sweep clean report
 
 # Re-installs only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -91,6 +91,15 @@ ABLATION_ARMS := \
 	"abl-noise-input -S stability.noise_at=encoder_input"
 # The spread over base.seed (0 is the workspace run); each arm has both GPTs (DiGIT and VQ tokens).
 SEED_ARMS := "seed-1 -S base.seed=1" "seed-2 -S base.seed=2"
+# The sampling sweep: each arm changes sampling keys only (one at a time, the same for both GPTs), so only
+# sample@*, decode@*, score@* and evaluate re-run (about 4 min an arm on 2 cores); smp-seed-* measure the
+# spread that sampling alone adds at fixed models. top-k 12 of 512 codes is the paper's 200 of 8,192.
+SWEEP_ARMS := \
+	"smp-cfg-1.5 -S sample.cfg_scale=1.5" "smp-cfg-2 -S sample.cfg_scale=2.0" "smp-cfg-3 -S sample.cfg_scale=3.0" \
+	"smp-cfg-4.5 -S sample.cfg_scale=4.5" \
+	"smp-topk-12 -S sample.top_k=12" "smp-topk-50 -S sample.top_k=50" "smp-topk-150 -S sample.top_k=150" \
+	"smp-temp-0.8 -S sample.temperature=0.8" "smp-temp-0.9 -S sample.temperature=0.9" \
+	"smp-seed-1 -S sample.seed=1" "smp-seed-2 -S sample.seed=2"
 SHOW := dvc exp show --only-changed --md --drop 'k_sweep|rows|.*snr(30|25|15|5|1|0p01)|cosine.*|realised.*|seconds.*'
 
 # $(call run_arms,ARMS): the workspace run, then each "NAME -S ..." arm queued and run one at a time.
@@ -109,6 +118,13 @@ ablation: setup
 
 seeds: setup
 	$(call run_arms,$(SEED_ARMS))
+
+# FID/KID of both GPTs against the CFG scale, top-k and temperature: reports/sampling.json (every arm, the
+# sample-seed spread, the best setting per tokenizer), reports/sampling/<key>.tsv (`make plots` draws them)
+# and reports/sampling.png; `make report` puts the table in docs/results.md.
+sweep: setup
+	$(call run_arms,$(SWEEP_ARMS))
+	$(PY) -m digit.sweep
 
 # The plots page, drawn offline: dvc_plots/index.html (its path is printed last).
 plots: setup

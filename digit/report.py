@@ -20,10 +20,12 @@ Blocks (any of README.md and docs/*.md may hold any of them; the files named her
     stability   docs/results.md   change rate and feature cosine at every SNR, both tokenizers
     k-sweep     docs/results.md   DiGIT change rate at every SNR for every codebook size K
     times       docs/pipeline.md  wall time per stage (reports/times.json), or that it is not measured
+    sampling    docs/results.md   the sampling sweep (reports/sampling.json, `make sweep`): FID/KID of both
+                                  GPTs per setting, the sample-seed spread, the best setting per tokenizer
 
 Inputs: reports/metrics.json (stage `evaluate`; required), reports/score/<renderer>.json,
 reports/{decoder,stage2_ar,stage2_nar,vqgan}.json (the ceilings), reports/train/<tokenizer>/metrics.json,
-reports/{tokens,vq_tokens}.json, reports/stability.json and reports/times.json
+reports/{tokens,vq_tokens}.json, reports/stability.json, reports/sampling.json and reports/times.json
 ({"<stage>": seconds, ..., "total": seconds, "measured": "date, machine, command"}). A missing optional
 input shows as "–" (or a line saying what is missing), so the output is a pure function of the files.
 """
@@ -269,6 +271,44 @@ def k_sweep(r: Reports) -> str:
     return table(["K \\ SNR (dB)"] + [snr_label(s) for s in snrs], rows)
 
 
+def sampling(r: Reports) -> str:
+    data = r.get("sampling.json")
+    if not data:
+        return "_reports/sampling.json is missing: run `make sweep` (digit/sweep.py), then `make report`._"
+    rows_in = data.get("rows") or []
+    if not rows_in:
+        return "_reports/sampling.json holds no rows: run `make sweep` again._"
+    base = rows_in[0]
+    keys = ("cfg_scale", "top_k", "temperature", "top_p", "seed")
+    renderers = sorted({k[:-4] for row in rows_in for k in row if k.endswith("_fid")} - {"digit", "vq"}
+                       - {HEADLINE["digit"], HEADLINE["vq"]})
+
+    def setting(row: dict) -> str:
+        changed = [f"{k} {row[k]:g}" for k in keys if row.get(k) != base.get(k)]
+        return ", ".join(changed) if changed else "**params.yaml** (" + ", ".join(f"{k} {base[k]:g}" for k in keys) + ")"
+
+    def order(row: dict):
+        changed = [k for k in keys if row.get(k) != base.get(k)]
+        return (len(changed), [keys.index(k) for k in changed], [row[k] for k in changed])
+
+    best = {t: (data.get("best") or {}).get(t, {}).get("name") for t in ("digit", "vq")}
+    rows = []
+    for row in sorted(rows_in, key=order):
+        mark = lambda t, v: f"**{v}**" if row["name"] == best[t] else v  # noqa: E731
+        rows.append([setting(row), mark("digit", num(row.get("digit_fid"), 1)), num(row.get("digit_kid"), 4),
+                     mark("vq", num(row.get("vq_fid"), 1)), num(row.get("vq_kid"), 4)]
+                    + [num(row.get(f"{x}_fid"), 1) for x in renderers])
+    header = (["sampling (what differs from params.yaml)", "DiGIT FID", "DiGIT KID", "VQ FID", "VQ KID"]
+              + [f"{renderer_label(x)} FID" for x in renderers])
+    spread = data.get("seed_spread") or {}
+    note = (f"{count(data.get('num_samples'))} samples per GPT against the val reference (the FID reference set, "
+            f"on which the setting is chosen). Spread that sampling alone adds at fixed models, over sample.seed "
+            f"{', '.join(str(s) for s in spread.get('seeds', []))}: DiGIT FID {num(spread.get('digit_fid_mean'), 1)} "
+            f"+- {num(spread.get('digit_fid_sd'), 1)}, VQ {num(spread.get('vq_fid_mean'), 1)} "
+            f"+- {num(spread.get('vq_fid_sd'), 1)} (sd). Best (bold): DiGIT {best['digit']}, VQ {best['vq']}.")
+    return table(header, rows) + "\n\n" + note
+
+
 def read_times(r: Reports) -> dict | None:
     times = r.get("times.json")
     if times is not None and not isinstance(times, dict):
@@ -299,7 +339,7 @@ def repro_time(r: Reports) -> str:
 
 BLOCKS: dict[str, Callable[[Reports], str]] = {
     "headline": headline, "repro-time": repro_time, "renderers": renderers, "tokenizers": tokenizers,
-    "stability": stability, "k-sweep": k_sweep, "times": times,
+    "stability": stability, "k-sweep": k_sweep, "times": times, "sampling": sampling,
 }
 
 

@@ -274,11 +274,11 @@ def _makefile_arms() -> dict[str, list[str]]:
 
 
 def test_every_makefile_arm_sets_existing_params_to_valid_values(tmp_path):
-    """`make ablation` / `make seeds` queue `dvc exp run -S key=value` arms: each must name a params.yaml key
+    """`make ablation` / `make seeds` / `make sweep` queue `dvc exp run -S key=value` arms: each must name a params.yaml key
     (a key removed from the DAG, such as tokenizer.kind, would only fail after the workspace run) and pass the
     params schema."""
     arms = _makefile_arms()
-    assert {"abl-pixels", "abl-random", "seed-1", "seed-2"} <= set(arms), arms
+    assert {"abl-pixels", "abl-random", "seed-1", "seed-2", "smp-cfg-2", "smp-seed-1"} <= set(arms), arms
     defaults = yaml.load((ROOT / "params.yaml").read_text(), Loader=Yaml12Loader)
     for name, settings in arms.items():
         path = tmp_path / f"{name}.yaml"
