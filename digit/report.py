@@ -12,10 +12,12 @@ A generated block sits between two marker comments, and only its inside is ever 
 Blocks (any of README.md and docs/*.md may hold any of them; the files named here must):
 
     headline    README.md         DiGIT tokens vs VQ tokens: sample FID/KID, other renderers' FID, the
-                                  renderer's ceiling (rFID of real val tokens), probe, token change rate
-                                  at stability_snr_db, GPT val loss; the real-vs-real floor
+                                  renderer's ceiling (rFID of real val tokens), its token round-trip beside
+                                  what 30 dB of noise keeps, probe, token change rate at stability_snr_db,
+                                  GPT val loss; the real-vs-real floor
     repro-time  README.md         the measured `make repro` (reports/times.json), or that it is not measured
-    renderers   docs/results.md   per renderer: sample FID, KID +- sd, ceiling rFID / PSNR / SSIM, size
+    renderers   docs/results.md   per renderer: sample FID, KID +- sd, ceiling rFID / PSNR / SSIM, token
+                                  round-trip of real val tokens and of samples, size
     tokenizers  docs/results.md   per tokenizer: codebook use, GPT losses, token accuracy, probe, stability
     stability   docs/results.md   change rate and feature cosine at every SNR, both tokenizers
     k-sweep     docs/results.md   DiGIT change rate at every SNR for every codebook size K
@@ -188,6 +190,9 @@ def headline(r: Reports) -> str:
     rows += [
         row("renderer ceiling: rFID of real val tokens ↓",
             lambda t: num(m["render"][head[t]].get("ceiling_rfid"), 1) if head[t] else DASH),
+        row("token round-trip of rendered real val tokens ↑ (a 30 dB noisy real image: in brackets)",
+            lambda t: f"{pct(m['render'][head[t]].get('roundtrip_val'))} ({pct(m[t].get('kept_snr30'))})"
+            if head[t] else DASH),
         row("linear probe top-1 on the GPT ↑", lambda t: num(m[t].get("probe_top1"), 3)),
         row(f"token change rate at {snr_label(snr) if snr is not None else '?'} dB SNR ↓",
             lambda t: num(m[t].get("change_rate"), 3)),
@@ -206,15 +211,19 @@ def renderers(r: Reports) -> str:
         tok = r.tokenizer_of(rend)
         rows.append([f"`{rend}`: {renderer_label(rend)}", tokenizer_label(tok) if tok else DASH,
                      num(got.get("fid"), 1), kid, num(got.get("ceiling_rfid"), 1), num(got.get("ceiling_psnr"), 2),
-                     num(got.get("ceiling_ssim"), 3), pct(ceil.get("vq_token_accuracy")),
-                     count(ceil.get("params")), count(ceil.get("steps"))])
+                     num(got.get("ceiling_ssim"), 3), pct(got.get("roundtrip_val")), pct(got.get("roundtrip_samples")),
+                     pct(ceil.get("vq_token_accuracy")), count(ceil.get("params")), count(ceil.get("steps"))])
     rows.append(["real train images (floor)", DASH, num(m.get("fid_floor"), 1), num(m.get("kid_floor"), 4)]
-                + [DASH] * 6)
+                + [DASH] * 8)
     header = ["renderer", "renders", "sample FID ↓", "KID ↓ (± sd over subsets)", "ceiling rFID ↓",
-              "ceiling PSNR (dB) ↑", "ceiling SSIM ↑", "VQ tokens equal to the VQGAN's", "params", "train steps"]
+              "ceiling PSNR (dB) ↑", "ceiling SSIM ↑", "round-trip: real val tokens ↑", "round-trip: samples ↑",
+              "VQ tokens equal to the VQGAN's", "params", "train steps"]
+    kept = ", ".join(f"{tokenizer_label(t)} {pct(m[t].get('kept_snr30'))}" for t in r.tokenizers)
     note = (f"{count(m.get('num_samples'))} samples per renderer against {count(m.get('num_reference'))} real val "
             f"images. Ceiling: the same renderer on the real val images' tokens "
-            f"({count((r.ceiling(r.renderers[0]) if r.renderers else {}).get('images'))} images).")
+            f"({count((r.ceiling(r.renderers[0]) if r.renderers else {}).get('images'))} images). Round-trip: the "
+            f"fraction of tokens that come back unchanged when the rendered images are tokenized again by the "
+            f"tokenizer that made them; a real image with 30 dB of noise keeps {kept}.")
     return table(header, rows) + "\n\n" + note
 
 

@@ -213,6 +213,8 @@ SCHEMA: dict[str, Spec] = {
     # decode
     "decode.batch_size": Spec(int, min=1),
     "decode.grid_columns": Spec(int, min=1, max=64, help="samples per class row in reports/samples/<renderer>.png"),
+    "decode.roundtrip_images": Spec(int, min=1, help="real val token grids rendered and tokenized again "
+                                    "(the token round-trip)"),
     "decode.seed": Spec(int, min=0, max=SEED_STRIDE - 1, help="draws of the stage-2 decoders"),
     # reference + evaluate
     "evaluate.inception_weights": Spec(str, help="offline | hub | path to an inception-v3-compat state dict"),

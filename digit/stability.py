@@ -214,6 +214,38 @@ def load_tokenizer(codebook_dir: str | Path, device: str | torch.device = "cpu")
     return encoder, Assigner(centroids), {**meta, "encoder": enc, "k": int(centroids.shape[0])}
 
 
+def image_tokenizer(token_meta: dict, tokenizer_dir: str | Path, device: str | torch.device = "cpu"):
+    """uint8 images [B, H, W, 3] -> token ids [B, H*W] (numpy int64) by the pipeline's own tokenizer of the tokens
+    `token_meta` describes: DiGIT tokens by the frozen encoder + codebook (`tokenizer_dir` = the codebook folder),
+    VQ tokens by the VQGAN's encoder (`tokenizer_dir` = its folder). Both read the uint8 image as the pipeline
+    does (`extract` / `vq_tokenize`), so a real image gives back exactly its stored tokens."""
+    grid, vocab = tuple(token_meta["grid"]), int(token_meta["vocab_size"])
+    if token_meta.get("tokenizer", "discriminative") == "vq":
+        from digit.vqgan import load_vqgan
+
+        vq, _ = load_vqgan(tokenizer_dir, k=vocab, grid=grid)
+        vq = vq.to(device).eval()
+
+        def tokenize(images: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return vq.encode(torch.from_numpy(images).to(device)).reshape(len(images), -1).cpu().numpy()
+        return tokenize
+    encoder, assign, info = load_tokenizer(tokenizer_dir, device)
+    if info["k"] != vocab or tuple(encoder.grid) != grid:
+        raise ConfigError(f"{tokenizer_dir}: a {info['k']}-code codebook on a {tuple(encoder.grid)} grid, but the "
+                          f"tokens have {vocab} codes on {grid}; re-run `dvc repro codebook tokenize`")
+    return lambda images: _tokens(assign, encoder(torch.from_numpy(images).to(device))).reshape(len(images), -1)
+
+
+def kept_fraction(tokenize, images: np.ndarray, tokens: np.ndarray, batch_size: int) -> float:
+    """Fraction of (image, position) whose token comes back unchanged when `images` are tokenized again."""
+    if len(images) != len(tokens) or not len(images):
+        raise ConfigError(f"round-trip: {len(images)} images for {len(tokens)} token grids")
+    kept = sum(int((tokenize(images[i:i + batch_size]) == tokens[i:i + batch_size]).sum())
+               for i in range(0, len(images), batch_size))
+    return kept / tokens.size
+
+
 # ----------------------------------------------------------------- measuring
 def _tokens(assign, feats: torch.Tensor) -> np.ndarray:
     return assign(feats.float().cpu().numpy())

@@ -9,6 +9,13 @@ sampled and rendered; the rendering time per image goes to the --report JSON (ke
 images folder, so the same tokens always give byte-identical outputs). The sample grid (one
 row per class, the first decode.grid_columns samples of each) is logged with DVCLive so
 `dvc plots show` / `dvc plots diff` put it beside other experiments'.
+
+The token round-trip (--roundtrip JSON): do the rendered images carry the tokens they were rendered
+from? The samples' images and the first decode.roundtrip_images real val token grids (--val-tokens,
+rendered the same way) are tokenized again by the tokens' own tokenizer (--tokenizer: the codebook
+with its encoder, or the VQGAN), and the fraction of grid positions whose token comes back unchanged
+is reported for each. A real image keeps all of its tokens; `evaluate` sets beside it what a real image
+with 30 dB of noise keeps (stage `stability`).
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ from tqdm import tqdm
 
 from digit.atomic import atomic_dir, atomic_file, clean_stale_tmp, write_json
 from digit.cli import require_git_commit, run, stage_parser
+from digit.errors import ConfigError
 from digit.params import load_params, seed_for
 from digit.render import KINDS, load_renderer, stage2_sampling
+from digit.stability import image_tokenizer, kept_fraction
 from digit.tokens import read_tokens
 
 
@@ -55,6 +64,11 @@ def main() -> None:
     parser.add_argument("--grid", default="reports/samples/direct.png")
     parser.add_argument("--live", default="reports/decode/direct")
     parser.add_argument("--report", default="reports/decode/direct.json", help="renderer and time per image")
+    parser.add_argument("--val-tokens", default="data/tokens/val.parquet",
+                        help="the real val images' tokens of the same tokenizer (the round-trip's first half)")
+    parser.add_argument("--tokenizer", default="models/codebook",
+                        help="that tokenizer: the codebook folder (DiGIT tokens) or the VQGAN's (VQ tokens)")
+    parser.add_argument("--roundtrip", default="reports/roundtrip/direct.json", help="the token round-trip report")
     args = parser.parse_args()
     require_git_commit()
     params = load_params(args.params)
@@ -88,10 +102,35 @@ def main() -> None:
         grid.save(tmp, format="PNG")
     write_json(args.report, {"renderer": renderer.kind, "images": len(entries), "device": str(device),
                              "seconds_per_image": round(seconds / max(len(entries), 1), 6)})
+    roundtrip = token_roundtrip(meta, np.concatenate(rendered), tokens, args, cfg, kind, sampling,
+                                seed_for(params, "decode"), device)
+    write_json(args.roundtrip, roundtrip)
     with Live(args.live, save_dvc_exp=False, dvcyaml=False, report=None) as live:
         live.log_image("samples.png", grid)
     print(f"decode: {len(entries)} images rendered by {renderer.kind} ({1000 * seconds / max(len(entries), 1):.2f} "
-          f"ms/image) -> {out}, grid {args.grid}")
+          f"ms/image) -> {out}, grid {args.grid}; tokens kept when tokenized again: real val tokens "
+          f"{roundtrip['val']:.4f}, samples {roundtrip['samples']:.4f} -> {args.roundtrip}")
+
+
+def token_roundtrip(meta: dict, images: np.ndarray, tokens: np.ndarray, args, cfg: dict, kind: str,
+                    sampling: dict | None, seed: int, device) -> dict:
+    """Do the rendered images carry the tokens they were rendered from? The samples' images and the first
+    decode.roundtrip_images real val token grids, rendered the same way by a fresh renderer, are tokenized
+    again by the pipeline's own tokenizer: the fraction of positions whose token comes back unchanged."""
+    val, _, _, val_meta = read_tokens(args.val_tokens)
+    described = lambda m: (list(m["grid"]), m["vocab_size"], m.get("tokenizer") or "discriminative")  # noqa: E731
+    if described(val_meta) != described(meta):
+        raise ConfigError(f"{args.val_tokens}: (grid, codes, tokenizer) {described(val_meta)} but the samples have "
+                          f"{described(meta)}; pass the val tokens of the samples' tokenizer (--val-tokens)")
+    val = val[:cfg["roundtrip_images"]]
+    renderer = load_renderer(val_meta, kind, args.model, device, sampling=sampling, seed=seed)
+    val_images = np.concatenate([renderer.render(val[i:i + cfg["batch_size"]])
+                                 for i in range(0, len(val), cfg["batch_size"])])
+    tokenize = image_tokenizer(meta, args.tokenizer, device)
+    return {"renderer": kind, "tokenizer": meta.get("tokenizer", "discriminative"),
+            "val": round(kept_fraction(tokenize, val_images, val, cfg["batch_size"]), 6), "val_images": len(val),
+            "samples": round(kept_fraction(tokenize, images, tokens, cfg["batch_size"]), 6),
+            "sample_images": len(tokens)}
 
 
 if __name__ == "__main__":

@@ -138,10 +138,31 @@ def test_reports_hold_the_headline_numbers(full_repo):
     assert "isc_mean" not in metrics and "no classifier" in metrics["isc_unavailable"]
     assert metrics["fid_floor"] > 0 and metrics["stability_snr_db"] == 20.0
     assert metrics["render"]["direct"]["ceiling_rfid"] == decoder["rfid"]
+    for renderer in RENDERERS:  # decode's token round-trip, beside what a 30 dB noisy real image keeps
+        roundtrip = json.loads((full_repo / "reports" / "roundtrip" / f"{renderer}.json").read_text())
+        assert roundtrip["val_images"] == 20 and roundtrip["sample_images"] == 20
+        assert metrics["render"][renderer]["roundtrip_val"] == roundtrip["val"]
+        assert 0 <= roundtrip["val"] <= 1 and 0 <= roundtrip["samples"] <= 1
+    stability = json.loads((full_repo / "reports" / "stability.json").read_text())
+    assert metrics["digit"]["kept_snr30"] == 1 - stability["change_rate_snr30"]
+    assert metrics["vq"]["kept_snr30"] == 1 - stability["vq"]["change_rate_snr30"]
     assert metrics["digit"]["fid"] == metrics["render"]["direct"]["fid"]  # each GPT's headline renderer
     assert metrics["vq"]["fid"] == metrics["render"]["vqgan"]["fid"]
     reference = np.load(full_repo / "data" / "reference" / "train.npz")
     assert reference["pool"].shape == (20, 2048) and np.bincount(reference["labels"]).tolist() == [2] * 10
+
+
+def test_the_round_trip_tokenizers_give_real_images_back_their_stored_tokens(full_repo):
+    """The round-trip's tokenizers read an image as the pipeline does: the real val images come back with their
+    own tokens (DiGIT: encoder + codebook as `extract`/`tokenize`; VQ: the VQGAN as `vq_tokenize`), up to a rare
+    near-tie that another batch size of the fp32 encoder can flip."""
+    from digit.stability import image_batches, image_tokenizer, kept_fraction
+    from digit.tokens import read_tokens
+
+    images = np.concatenate([b.numpy() for b in image_batches(full_repo / "data/images", "val", 0, 16)])
+    for tokens_dir, tokenizer in (("data/tokens", "models/codebook"), ("data/vq_tokens", "models/vqgan")):
+        tokens, _, _, meta = read_tokens(full_repo / tokens_dir / "val.parquet")
+        assert kept_fraction(image_tokenizer(meta, full_repo / tokenizer), images, tokens, 16) >= 0.999, tokens_dir
 
 
 def test_dvc_exp_show_lists_fid(full_repo, tmp_path):
