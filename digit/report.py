@@ -294,27 +294,29 @@ def sampling(r: Reports) -> str:
 
     def setting(row: dict) -> str:
         changed = [f"{k} {row[k]:g}" for k in keys if row.get(k) != base.get(k)]
-        return ", ".join(changed) if changed else "**params.yaml** (" + ", ".join(f"{k} {base[k]:g}" for k in keys) + ")"
+        return ", ".join(changed) if changed else "baseline (" + ", ".join(f"{k} {base[k]:g}" for k in keys) + ")"
 
     def order(row: dict):
         changed = [k for k in keys if row.get(k) != base.get(k)]
         return (len(changed), [keys.index(k) for k in changed], [row[k] for k in changed])
 
-    best = {t: (data.get("best") or {}).get(t, {}).get("name") for t in ("digit", "vq")}
+    best = {t: (data.get("best") or {}).get(t, {}).get("name") for t in ("digit", "vq", "both")}
     rows = []
     for row in sorted(rows_in, key=order):
         mark = lambda t, v: f"**{v}**" if row["name"] == best[t] else v  # noqa: E731
-        rows.append([setting(row), mark("digit", num(row.get("digit_fid"), 1)), num(row.get("digit_kid"), 4),
+        name = f"{setting(row)} ◀ both" if row["name"] == best["both"] else setting(row)
+        rows.append([name, mark("digit", num(row.get("digit_fid"), 1)), num(row.get("digit_kid"), 4),
                      mark("vq", num(row.get("vq_fid"), 1)), num(row.get("vq_kid"), 4)]
                     + [num(row.get(f"{x}_fid"), 1) for x in renderers])
-    header = (["sampling (what differs from params.yaml)", "DiGIT FID", "DiGIT KID", "VQ FID", "VQ KID"]
+    header = (["sampling (what differs from the baseline run)", "DiGIT FID", "DiGIT KID", "VQ FID", "VQ KID"]
               + [f"{renderer_label(x)} FID" for x in renderers])
     spread = data.get("seed_spread") or {}
-    note = (f"{count(data.get('num_samples'))} samples per GPT against the val reference (the FID reference set, "
-            f"on which the setting is chosen). Spread that sampling alone adds at fixed models, over sample.seed "
+    note = (f"Experiments on commit {str(data.get('baseline', '?'))[:7]}; {count(data.get('num_samples'))} samples "
+            f"per GPT against the val reference (the FID reference set, on which the setting is chosen). Spread that sampling alone adds at fixed models, over sample.seed "
             f"{', '.join(str(s) for s in spread.get('seeds', []))}: DiGIT FID {num(spread.get('digit_fid_mean'), 1)} "
             f"+- {num(spread.get('digit_fid_sd'), 1)}, VQ {num(spread.get('vq_fid_mean'), 1)} "
-            f"+- {num(spread.get('vq_fid_sd'), 1)} (sd). Best (bold): DiGIT {best['digit']}, VQ {best['vq']}.")
+            f"+- {num(spread.get('vq_fid_sd'), 1)} (sd). Best (bold): DiGIT {best['digit']}, VQ {best['vq']}; "
+            f"◀ both: {best['both']}, the lowest mean of the two FIDs, one setting fair to either GPT.")
     return table(header, rows) + "\n\n" + note
 
 

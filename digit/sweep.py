@@ -8,7 +8,8 @@ from `dvc exp show --json` (the baseline commit and its experiments), keeps the 
 from the baseline's in `sample.*` keys only, and writes:
 
     reports/sampling.json         every row (its settings, FID/KID of each GPT and renderer), the
-                                  sample-seed spread, the best setting per tokenizer
+                                  sample-seed spread, the best setting per tokenizer and for both
+                                  (the lowest mean of the two FIDs: one setting, fair to either GPT)
     reports/sampling/<key>.tsv    FID/KID against one key with the others at the baseline's values
                                   (the top-level `plots:` of dvc.yaml draw them: `make plots`)
     reports/sampling.png          the same three curves, drawn offline by vl-convert (docs/results.md)
@@ -102,10 +103,11 @@ def summarize(rows: list[dict], rev: str) -> dict:
         spread[f"{t}_fid_mean"] = statistics.fmean(values)
         spread[f"{t}_fid_sd"] = statistics.stdev(values) if len(values) > 1 else None
     at_seed = [r for r in rows if r["seed"] == base["seed"]]
-    best = {t: min(at_seed, key=lambda r: r[f"{t}_fid"]) for t in TOKENIZERS}
+    both = lambda r: statistics.fmean(r[f"{t}_fid"] for t in TOKENIZERS)  # noqa: E731
+    best = {**{t: min(at_seed, key=lambda r: r[f"{t}_fid"]) for t in TOKENIZERS}, "both": min(at_seed, key=both)}
     return {"baseline": rev, "num_samples": base["num_samples"], "rows": rows, "seed_spread": spread,
-            "best": {t: {"name": r["name"], **{k: r[k] for k in SAMPLING}, "fid": r[f"{t}_fid"]}
-                     for t, r in best.items()}}
+            "best": {t: {"name": r["name"], **{k: r[k] for k in SAMPLING},
+                         "fid": both(r) if t == "both" else r[f"{t}_fid"]} for t, r in best.items()}}
 
 
 def curves(rows: list[dict]) -> dict[str, list[dict]]:
@@ -159,8 +161,8 @@ def main() -> None:
     with atomic_file(reports / "sampling.png") as tmp:
         tmp.write_bytes(png)
     for t, b in summary["best"].items():
-        print(f"sweep: best for {t}: {b['name']} (FID {b['fid']:.2f}; T {b['temperature']}, top-k {b['top_k']}, "
-              f"cfg {b['cfg_scale']})")
+        print(f"sweep: best for {t}: {b['name']} ({'mean ' if t == 'both' else ''}FID {b['fid']:.2f}; "
+              f"T {b['temperature']}, top-k {b['top_k']}, cfg {b['cfg_scale']})")
     s = summary["seed_spread"]
     print(f"sweep: {len(rows)} rows; sample-seed spread over {len(s['seeds'])} seeds: DiGIT FID "
           f"{s['digit_fid_mean']:.2f} sd {s['digit_fid_sd']}, VQ {s['vq_fid_mean']:.2f} sd {s['vq_fid_sd']} "

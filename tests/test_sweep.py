@@ -68,6 +68,7 @@ def test_spread_and_best_settings():
     # Each tokenizer's best at the baseline's sample seed: a seed arm is not a setting.
     assert summary["best"]["digit"]["name"] == "smp-cfg-2-k12" and summary["best"]["digit"]["top_k"] == 12
     assert summary["best"]["vq"]["name"] == "smp-cfg-4" and summary["best"]["vq"]["fid"] == 92.0
+    assert summary["best"]["both"]["name"] == "smp-cfg-2" and summary["best"]["both"]["fid"] == 87.0
 
 
 def test_no_committed_run_and_non_finite_numbers_are_clear_errors():
@@ -94,12 +95,13 @@ def test_main_writes_the_files_and_the_report_table_marks_the_best(tmp_path, mon
 
     text = report.sampling(report.Reports(tmp_path))
     lines = text.splitlines()
-    assert lines[0].startswith("| sampling (what differs from params.yaml) | DiGIT FID |")
+    assert lines[0].startswith("| sampling (what differs from the baseline run) | DiGIT FID |")
     assert "stage 2 AR → VQGAN decoder FID" in lines[0]
-    assert lines[2].startswith("| **params.yaml** (cfg_scale 1, top_k 0, temperature 1, top_p 1, seed 0) | 86.0 |")
+    assert lines[2].startswith("| baseline (cfg_scale 1, top_k 0, temperature 1, top_p 1, seed 0) | 86.0 |")
+    assert "Experiments on commit 0123abc; 500 samples" in text
     assert "| cfg_scale 4 | 84.0 | 0.0420 | **92.0** |" in text
-    assert "| cfg_scale 2, top_k 12 | **79.0** |" in text
-    assert "DiGIT FID 87.0 +- 1.4" in text and "Best (bold): DiGIT smp-cfg-2-k12, VQ smp-cfg-4" in text
+    assert "| cfg_scale 2, top_k 12 | **79.0** |" in text and "| cfg_scale 2 ◀ both | 80.0 |" in text
+    assert "DiGIT FID 87.0 +- 1.4" in text and "Best (bold): DiGIT smp-cfg-2-k12, VQ smp-cfg-4; ◀ both: smp-cfg-2" in text
 
 
 def test_the_table_says_when_there_is_no_sweep(tmp_path):
