@@ -77,6 +77,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sampling = stage2_sampling(params["stage2"], kind) if kind.startswith("stage2") else None
     renderer = load_renderer(meta, kind, args.model, device, sampling=sampling, seed=seed_for(params, "decode"))
+    val = roundtrip_tokens(args.val_tokens, meta, cfg["roundtrip_images"])  # checked before any rendering
+    tokenize = image_tokenizer(meta, args.tokenizer, device)
     classes = meta.get("classes") or [str(c) for c in range(int(labels.max()) + 1)]
 
     out = Path(args.out)
@@ -102,9 +104,11 @@ def main() -> None:
         grid.save(tmp, format="PNG")
     write_json(args.report, {"renderer": renderer.kind, "images": len(entries), "device": str(device),
                              "seconds_per_image": round(seconds / max(len(entries), 1), 6)})
-    roundtrip = token_roundtrip(meta, np.concatenate(rendered), tokens, args, cfg, kind, sampling,
-                                seed_for(params, "decode"), device)
-    write_json(args.roundtrip, roundtrip)
+    # The val grids through a fresh renderer: its stage-2 draws do not depend on how many samples came first.
+    roundtrip = token_roundtrip(tokenize, load_renderer(meta, kind, args.model, device, sampling=sampling,
+                                                        seed=seed_for(params, "decode")),
+                                val, np.concatenate(rendered), tokens, cfg["batch_size"])
+    write_json(args.roundtrip, {"renderer": kind, "tokenizer": meta.get("tokenizer", "discriminative"), **roundtrip})
     with Live(args.live, save_dvc_exp=False, dvcyaml=False, report=None) as live:
         live.log_image("samples.png", grid)
     print(f"decode: {len(entries)} images rendered by {renderer.kind} ({1000 * seconds / max(len(entries), 1):.2f} "
@@ -112,25 +116,23 @@ def main() -> None:
           f"{roundtrip['val']:.4f}, samples {roundtrip['samples']:.4f} -> {args.roundtrip}")
 
 
-def token_roundtrip(meta: dict, images: np.ndarray, tokens: np.ndarray, args, cfg: dict, kind: str,
-                    sampling: dict | None, seed: int, device) -> dict:
-    """Do the rendered images carry the tokens they were rendered from? The samples' images and the first
-    decode.roundtrip_images real val token grids, rendered the same way by a fresh renderer, are tokenized
-    again by the pipeline's own tokenizer: the fraction of positions whose token comes back unchanged."""
-    val, _, _, val_meta = read_tokens(args.val_tokens)
+def roundtrip_tokens(path: str, meta: dict, n: int) -> np.ndarray:
+    """The first n real val token grids of the samples' own tokenizer."""
+    val, _, _, val_meta = read_tokens(path)
     described = lambda m: (list(m["grid"]), m["vocab_size"], m.get("tokenizer") or "discriminative")  # noqa: E731
     if described(val_meta) != described(meta):
-        raise ConfigError(f"{args.val_tokens}: (grid, codes, tokenizer) {described(val_meta)} but the samples have "
+        raise ConfigError(f"{path}: (grid, codes, tokenizer) {described(val_meta)} but the samples have "
                           f"{described(meta)}; pass the val tokens of the samples' tokenizer (--val-tokens)")
-    val = val[:cfg["roundtrip_images"]]
-    renderer = load_renderer(val_meta, kind, args.model, device, sampling=sampling, seed=seed)
-    val_images = np.concatenate([renderer.render(val[i:i + cfg["batch_size"]])
-                                 for i in range(0, len(val), cfg["batch_size"])])
-    tokenize = image_tokenizer(meta, args.tokenizer, device)
-    return {"renderer": kind, "tokenizer": meta.get("tokenizer", "discriminative"),
-            "val": round(kept_fraction(tokenize, val_images, val, cfg["batch_size"]), 6), "val_images": len(val),
-            "samples": round(kept_fraction(tokenize, images, tokens, cfg["batch_size"]), 6),
-            "sample_images": len(tokens)}
+    return val[:n]
+
+
+def token_roundtrip(tokenize, renderer, val: np.ndarray, images: np.ndarray, tokens: np.ndarray,
+                    batch_size: int) -> dict:
+    """Do the rendered images carry the tokens they were rendered from? The real val grids (rendered here) and the
+    samples' images are tokenized again: the fraction of positions whose token comes back unchanged."""
+    val_images = np.concatenate([renderer.render(val[i:i + batch_size]) for i in range(0, len(val), batch_size)])
+    return {"val": round(kept_fraction(tokenize, val_images, val, batch_size), 6), "val_images": len(val),
+            "samples": round(kept_fraction(tokenize, images, tokens, batch_size), 6), "sample_images": len(tokens)}
 
 
 if __name__ == "__main__":

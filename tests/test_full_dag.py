@@ -238,6 +238,14 @@ def test_bad_inputs_of_the_pixel_stages_fail_early_and_clearly(full_repo, tmp_pa
     expect_error(proc, "trained for 16 codes but the tokens have 32", "dvc repro train_decoder")
     assert not any((tmp_path / name).exists() for name in ("png", "grid.png", "live", "decode.json"))
 
+    # The round-trip's val tokens must be the samples' tokenizer's: refused before anything is rendered.
+    proc = refusal(full_repo, "decode", "--renderer", "direct", "--model", "models/decoder",
+                   "--val-tokens", "data/vq_tokens/val.parquet", "--out", str(tmp_path / "png"),
+                   "--grid", str(tmp_path / "grid.png"), "--live", str(tmp_path / "live"),
+                   "--report", str(tmp_path / "decode.json"), "--roundtrip", str(tmp_path / "rt.json"))
+    expect_error(proc, "vq_tokens/val.parquet", "'vq'", "'discriminative'", "--val-tokens")
+    assert not any((tmp_path / name).exists() for name in ("png", "grid.png", "live", "decode.json", "rt.json"))
+
     proc = refusal(full_repo, "train_decoder", "--out", str(tmp_path / "dec"), "--report", str(tmp_path / "r.json"),
                  "--live", str(tmp_path / "live"), "--checkpoints", str(tmp_path / "ck"),
                  params={"decoder": {"batch_size": 500}})
