@@ -92,7 +92,7 @@ ABLATION_ARMS := \
 # The spread over base.seed (0 is the workspace run); each arm has both GPTs (DiGIT and VQ tokens).
 SEED_ARMS := "seed-1 -S base.seed=1" "seed-2 -S base.seed=2"
 # The sampling sweep: each arm changes sampling keys only (the same for both GPTs; one at a time, then
-# three combinations), so only sample@*, decode@*, score@* and evaluate re-run (about 4.5 min an arm on 2 cores);
+# two combinations), so only sample@*, decode@*, score@* and evaluate re-run (about 4.5 min an arm on 2 cores);
 # smp-seed-* measure the spread that sampling alone adds at fixed models. top-k 12 of 512 codes is the
 # paper's 200 of 8,192.
 SWEEP_ARMS := \
@@ -102,8 +102,7 @@ SWEEP_ARMS := \
 	"smp-temp-0.7 -S sample.temperature=0.7" "smp-temp-0.8 -S sample.temperature=0.8" \
 	"smp-temp-0.9 -S sample.temperature=0.9" \
 	"smp-seed-1 -S sample.seed=1" "smp-seed-2 -S sample.seed=2" \
-	"smp-topk-25 -S sample.top_k=25" \
-	"smp-topk-12-cfg-2 -S sample.top_k=12 -S sample.cfg_scale=2.0" "smp-topk-50-cfg-2 -S sample.top_k=50 -S sample.cfg_scale=2.0" \
+	"smp-topk-50-cfg-2 -S sample.top_k=50 -S sample.cfg_scale=2.0" \
 	"smp-temp-0.8-topk-50 -S sample.temperature=0.8 -S sample.top_k=50"
 SHOW := dvc exp show --only-changed --md --drop 'k_sweep|rows|.*snr(30|25|15|5|1|0p01)|cosine.*|realised.*|seconds.*'
 
