@@ -35,7 +35,7 @@ from digit.schema import _flatten
 
 SWEPT = ("cfg_scale", "top_k", "temperature")  # one TSV and one panel each
 SAMPLING = SWEPT + ("top_p", "seed")           # the keys an arm may change
-TITLES = {"cfg_scale": "classifier-free guidance scale", "top_k": "top-k (0 = off)",
+TITLES = {"cfg_scale": "classifier-free guidance scale", "top_k": "top-k",
           "temperature": "temperature"}
 TOKENIZERS = ("digit", "vq")
 
@@ -85,7 +85,7 @@ def sweep_rows(baseline: dict, experiments: list[dict]) -> list[dict]:
         record = {"name": exp["name"], **{k: params[f"sample.{k}"] for k in SAMPLING},
                   **{f"{t}_{s}": m[t][s] for t in TOKENIZERS for s in ("fid", "kid")},
                   **{f"{r}_fid": v["fid"] for r, v in sorted(m.get("render", {}).items())},
-                  "num_samples": m.get("num_samples")}
+                  "num_samples": m.get("num_samples"), "digit_k": params.get("codebook.k"), "vq_k": params.get("vqgan.k")}
         bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             raise ConfigError(f"experiment {exp['name']}: non-finite {', '.join(bad)} in reports/metrics.json")
@@ -129,10 +129,14 @@ def figure(by_key: dict[str, list[dict]]) -> dict:
     label = {"digit": "DiGIT tokens", "vq": "VQ tokens"}
     panels = []
     for key, rows in by_key.items():
-        values = [{key: r[key], "tokens": label[t], "FID": r[f"{t}_fid"]} for r in rows for t in TOKENIZERS]
+        # top-k off is top-k = K (every code): drawn there, on a log axis, rather than at 0.
+        x = lambda r, t: (r[f"{t}_k"] or r[key]) if key == "top_k" and r[key] == 0 else r[key]  # noqa: E731
+        values = [{key: x(r, t), "tokens": label[t], "FID": r[f"{t}_fid"]} for r in rows for t in TOKENIZERS]
+        title = "top-k (off drawn at K, every code)" if key == "top_k" else TITLES[key]
         panels.append({"title": f"FID vs {TITLES[key]}", "width": 220, "height": 180, "data": {"values": values},
                        "mark": {"type": "line", "point": True},
-                       "encoding": {"x": {"field": key, "type": "quantitative", "title": TITLES[key]},
+                       "encoding": {"x": {"field": key, "type": "quantitative", "title": title,
+                                          **({"scale": {"type": "log"}} if key == "top_k" else {})},
                                     "y": {"field": "FID", "type": "quantitative", "scale": {"zero": False}},
                                     "color": {"field": "tokens", "type": "nominal", "title": None}}})
     return {"$schema": "https://vega.github.io/schema/vega-lite/v5.json", "hconcat": panels}
