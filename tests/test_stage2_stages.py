@@ -44,7 +44,7 @@ def test_one_repro_reports_stage2_and_every_path_in_the_metrics(full_repo):
     metrics = read_json(full_repo / "reports" / "metrics.json")
     for tok in ("digit", "vq"):  # both GPTs, from the same repro
         assert set(metrics[tok]) == {"fid", "kid", "val_loss", "val_token_acc", "train_loss", "probe_top1",
-                                     "change_rate", "cosine"}
+                                     "change_rate", "cosine", "kept_snr30"}
         train = read_json(full_repo / "reports" / "train" / tok / "metrics.json")
         assert metrics[tok]["val_loss"] == train["val"]["loss"] and metrics[tok]["train_loss"] == train["train"]["loss"]
         assert metrics[tok]["probe_top1"] == read_json(full_repo / "reports" / "probe" / f"{tok}.json")["best_val_top1"]
@@ -53,7 +53,8 @@ def test_one_repro_reports_stage2_and_every_path_in_the_metrics(full_repo):
     for renderer, name in ceilings.items():
         rec, score = read_json(full_repo / "reports" / name), read_json(full_repo / "reports" / "score" / f"{renderer}.json")
         # no timings: metrics.json repeats exactly
-        assert set(metrics["render"][renderer]) == {"fid", "kid", "ceiling_rfid", "ceiling_psnr", "ceiling_ssim"}
+        assert set(metrics["render"][renderer]) == {"fid", "kid", "ceiling_rfid", "ceiling_psnr", "ceiling_ssim",
+                                                    "roundtrip_val", "roundtrip_samples"}
         assert metrics["render"][renderer]["ceiling_rfid"] == rec["rfid"]
         assert metrics["render"][renderer]["ceiling_psnr"] == rec["psnr"]
         assert metrics["render"][renderer]["fid"] == score["fid"] and metrics["render"][renderer]["kid"] == score["kid_mean"]
@@ -71,10 +72,16 @@ def test_every_renderer_renders_deterministically(full_repo, tmp_path):
     """The same seed renders the same pixels: a second decode into another folder is byte-identical."""
     for renderer, gpt in RENDERERS.items():
         model = {"direct": "models/decoder", "stage2_ar": "models/stage2_ar", "vqgan": "models/vqgan"}[renderer]
+        tokens, tokenizer = {"digit": ("data/tokens", "models/codebook"), "vq": ("data/vq_tokens", "models/vqgan")}[gpt]
         proc = stage(full_repo, "decode", "--tokens", f"data/samples/{gpt}/tokens.parquet", "--renderer", renderer,
                      "--model", model, "--out", str(tmp_path / renderer), "--grid", str(tmp_path / f"{renderer}.png"),
-                     "--live", str(tmp_path / "live"), "--report", str(tmp_path / "decode.json"))
+                     "--live", str(tmp_path / "live"), "--report", str(tmp_path / "decode.json"),
+                     "--val-tokens", f"{tokens}/val.parquet", "--tokenizer", tokenizer,
+                     "--roundtrip", str(tmp_path / f"{renderer}-roundtrip.json"))
         assert proc.returncode == 0, proc.stderr
+        # The round-trip too: the same val grids, the same draws, the same fractions.
+        assert read_json(tmp_path / f"{renderer}-roundtrip.json") == \
+            read_json(full_repo / "reports" / "roundtrip" / f"{renderer}.json")
         original = full_repo / "data" / "renders" / renderer
         manifest = read_json(original / "manifest.json")
         assert manifest["renderer"] == renderer and manifest["count"] == 20
