@@ -81,7 +81,7 @@ bench: setup
 # abl-ssl*: a ViT trained here without labels (stage train_encoder, DINO), with and without noise and blur
 # among its augmentations (docs/results.md, "A self-supervised encoder trained here").
 # abl-noise-input: the other stability protocol (noise on the encoder's input) on the default tokens; only
-# stability and evaluate re-run. (An SSL arm with it would train the ViT again: docs/results.md has that row.)
+# stability and evaluate re-run. (The SSL rows of that protocol are in docs/results.md, from direct stage runs.)
 ABLATION_ARMS := \
 	"abl-pixels -S encoder.name=pixels -S encoder.weights=none" \
 	"abl-random -S encoder.weights=none" \
