@@ -45,6 +45,7 @@ from typing import Callable
 from digit.atomic import atomic_file
 from digit.cli import run
 from digit.errors import ConfigError
+from digit.sweep import SAMPLING
 
 # Files scanned for blocks, relative to --root, and the blocks each one must hold.
 REQUIRED = {"README.md": ("headline", "repro-time"), "docs/results.md": ("renderers", "tokenizers"),
@@ -288,7 +289,7 @@ def sampling(r: Reports) -> str:
     if not rows_in:
         return "_reports/sampling.json holds no rows: run `make sweep` again._"
     base = rows_in[0]
-    keys = ("cfg_scale", "top_k", "temperature", "top_p", "seed")
+    keys = SAMPLING  # the sampling keys an arm of the sweep may change
     renderers = sorted({k[:-4] for row in rows_in for k in row if k.endswith("_fid")} - {"digit", "vq"}
                        - {HEADLINE["digit"], HEADLINE["vq"]})
 

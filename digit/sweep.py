@@ -93,10 +93,15 @@ def sweep_rows(baseline: dict, experiments: list[dict]) -> list[dict]:
     return rows
 
 
+def varying(rows: list[dict], key: str) -> list[dict]:
+    """The rows whose sampling keys other than `key` are the baseline's (rows[0]), sorted by `key`."""
+    base = rows[0]
+    return sorted((r for r in rows if all(r[k] == base[k] for k in SAMPLING if k != key)), key=lambda r: r[key])
+
+
 def summarize(rows: list[dict], rev: str) -> dict:
     base = rows[0]
-    same = lambda r, keys: all(r[k] == base[k] for k in keys)  # noqa: E731
-    seeds = [r for r in rows if same(r, [k for k in SAMPLING if k != "seed"])]
+    seeds = varying(rows, "seed")
     spread = {"seeds": sorted(r["seed"] for r in seeds)}
     for t in TOKENIZERS:
         values = [r[f"{t}_fid"] for r in seeds]
@@ -112,9 +117,7 @@ def summarize(rows: list[dict], rev: str) -> dict:
 
 def curves(rows: list[dict]) -> dict[str, list[dict]]:
     """key -> the rows that vary `key` alone (the others, seed included, at the baseline's), sorted by it."""
-    base = rows[0]
-    return {key: sorted((r for r in rows if all(r[k] == base[k] for k in SAMPLING if k != key)),
-                        key=lambda r: r[key]) for key in SWEPT}
+    return {key: varying(rows, key) for key in SWEPT}
 
 
 def write_tsv(path: Path, key: str, rows: list[dict]) -> None:
