@@ -100,6 +100,7 @@ def main() -> None:
              "stage2_sampling": sampling, "images": entries}, indent=1) + "\n")
 
     grid = sample_grid(np.concatenate(rendered), labels, classes, cfg["grid_columns"])
+    clean_stale_tmp(Path(args.grid))  # a killed run's half-written grid: this stage is its only writer
     with atomic_file(args.grid) as tmp:
         grid.save(tmp, format="PNG")
     write_json(args.report, {"renderer": renderer.kind, "images": len(entries), "device": str(device),
