@@ -118,6 +118,25 @@ def encoder_geometry_and_flops(p: dict) -> tuple[tuple[int, int], int, float]:
     return tuple(geo["grid"]), geo["dim"], flops
 
 
+def feature_loss_flops(p: dict, section: str, world: int) -> float:
+    """FLOPs of the feature loss of a pixel decoder's section (digit/paint.py) over its whole run: per compared
+    image one forward of the real image (no grad) and forward + backward of the rendered one (~4 forwards)."""
+    d = p[section]
+    if d["feature_weight"] <= 0:
+        return 0.0
+    from digit.encoders import meta_model
+
+    f = p["feature_loss"]
+    model = meta_model(f["name"], f["img_size"])
+    n = len(model.feature_info)
+    x = torch.empty(1, 3, f["img_size"], f["img_size"], device="meta")
+    deepest = max(layer % n for layer in f["layers"])
+    forward = count_flops(lambda: model.forward_intermediates(x, indices=[deepest], intermediates_only=True,
+                                                              stop_early=True))
+    images = min(f["images"] or d["batch_size"], d["batch_size"])
+    return d["max_steps"] * images * world * 4 * forward
+
+
 def gpt_flops(p: dict, vocab: int, positions: int, classes: int) -> tuple[float, float, int]:
     """(train FLOPs per sequence, forward FLOPs per sequence, parameters) of the GPT."""
     from digit.gpt import GPT, GPTConfig
@@ -260,12 +279,13 @@ def stage_costs(p: dict, device: str = "cuda") -> list[StageCost]:
     v = p["vqgan"]
     vq_train, vq_disc, vq_encode, vq_decode, vq_params = vqgan_flops(p, size)
     vq_batches = v["max_steps"] * v["batch_size"] * world
-    adv = max(0, v["max_steps"] - v["adv_start"]) * v["batch_size"] * world if v["adv_weight"] > 0 else 0
+    adv = max(0, v["max_steps"] - v["disc_start"]) * v["batch_size"] * world if v["adv_weight"] > 0 else 0
     if v["weights"] != "none":
         add("train_vqgan", v["eval_images"] * (vq_encode + vq_decode + INCEPTION_FLOPS), vq_params * 4,
             f"pretrained {v['weights']}: scored on {v['eval_images']:,} val images, not trained")
     else:
-        add("train_vqgan", vq_batches * vq_train + adv * vq_disc + v["eval_images"] * INCEPTION_FLOPS,
+        add("train_vqgan", vq_batches * vq_train + adv * vq_disc + feature_loss_flops(p, "vqgan", world)
+            + v["eval_images"] * INCEPTION_FLOPS,
             vq_params * 4 * 3 * 3, f"{v['max_steps']:,} steps x {v['batch_size'] * world} images", "vqgan")
     add("vq_tokenize", n_images * vq_encode, tokens, "VQGAN encoder forwards")
 
@@ -284,8 +304,9 @@ def stage_costs(p: dict, device: str = "cuda") -> list[StageCost]:
     d = p["decoder"]
     dec_train, dec_disc, dec_forward, dec_params = decoder_flops(p, k, dim, grid, size)
     images = d["max_steps"] * d["batch_size"] * world
-    adv = max(0, d["max_steps"] - d["adv_start"]) * d["batch_size"] * world if d["adv_weight"] > 0 else 0
-    add("train_decoder", images * dec_train + adv * dec_disc + d["eval_images"] * INCEPTION_FLOPS,
+    adv = max(0, d["max_steps"] - d["disc_start"]) * d["batch_size"] * world if d["adv_weight"] > 0 else 0
+    add("train_decoder", images * dec_train + adv * dec_disc + feature_loss_flops(p, "decoder", world)
+        + d["eval_images"] * INCEPTION_FLOPS,
         dec_params * 4 * 3 * 3, f"{d['max_steps']:,} steps x {d['batch_size'] * world} images", "decoder")
 
     s = p["stage2"]

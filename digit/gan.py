@@ -1,4 +1,4 @@
-"""The adversarial term shared by the pixel decoders (`train_decoder`, `train_vqgan`): a PatchGAN with hinge loss."""
+"""The adversarial term of the pixel decoders' recipe (digit.paint): a PatchGAN with hinge loss."""
 
 from __future__ import annotations
 
@@ -28,11 +28,18 @@ def generator_loss(disc: PatchDiscriminator, fake: torch.Tensor) -> torch.Tensor
 
 
 def discriminator_step(accelerator, disc: PatchDiscriminator, optimizer, real: torch.Tensor,
-                       fake: torch.Tensor) -> float:
-    """One hinge-loss update of the discriminator on real vs detached fake images; its loss, averaged over ranks."""
+                       fake: torch.Tensor) -> dict:
+    """One hinge-loss update of the discriminator on real vs detached fake images. Returns, averaged over ranks,
+    its loss (2 at chance, 0 when every patch is beyond the margin), the mean logits on real and fake patches,
+    and d_acc, the fraction of patches on the right side of 0: the curves that show it separating them."""
     with accelerator.autocast():
-        loss = (F.relu(1 - disc(real)).mean() + F.relu(1 + disc(fake.detach())).mean()).float()
+        real_logits, fake_logits = disc(real).float(), disc(fake.detach()).float()
+        loss = F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     optimizer.step()
-    return accelerator.reduce(loss.detach(), "mean").item()
+    with torch.no_grad():
+        acc = ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean()) / 2
+        stats = {"train/d_loss": loss, "train/d_real": real_logits.mean(), "train/d_fake": fake_logits.mean(),
+                 "train/d_acc": acc}
+    return {k: accelerator.reduce(v.detach(), "mean").item() for k, v in stats.items()}

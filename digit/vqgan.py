@@ -291,14 +291,20 @@ class VQGAN(nn.Module):
                               f"vqgan.image_size={S} must match the dataset's image size")
         return x.to(self.quantizer.embed.device) * 2 - 1  # convs see zero-centred inputs
 
-    def forward(self, images: torch.Tensor):
+    def forward(self, images: torch.Tensor, corrupt=None):
         """images [B,3,S,S] in [0,1] -> (recon [B,3,S,S] in [0,1], vq_loss, tokens [B,g,g], stats).
 
         vq_loss = commitment (+ codebook loss without ema); add the reconstruction
         (and adversarial) loss in the loop. stats are 0-dim tensors ("usage",
         "perplexity" of this batch, "dead" codes) and the int "restarted".
+        `corrupt` (training only, digit.paint.corrupt_tokens) maps flat token ids [B, g*g] to ids of which some
+        are replaced: the decoder paints from those positions' codes (no gradient to the encoder through them),
+        as the direct decoder learns from corrupted grids; tokens and the losses stay the clean ones.
         """
         q, vq_loss, tokens, stats = self.quantizer(self.encoder(self._input(images)))
+        if corrupt is not None:
+            noisy = corrupt(tokens.flatten(1)).view_as(tokens)
+            q = torch.where((noisy != tokens)[:, None], self.quantizer.codes(noisy).to(q.dtype).detach(), q)
         # Sigmoid: every path yields a valid image in [0,1] without clamping, the range L1 and the
         # discriminator compare against; it is tanh rescaled, (tanh(x/2) + 1) / 2.
         return torch.sigmoid(self.decoder(q)), vq_loss, tokens, stats

@@ -1,8 +1,11 @@
 """Stage `train_decoder`: token grids of real images -> pixels, trained on the frozen tokenizer.
 
 Pairs (data/tokens/train.parquet row, data/images train image) are streamed
-shard by shard. L1 loss, plus a hinge PatchGAN term (digit.gan) from step
-decoder.adv_start when decoder.adv_weight > 0. The loop is digit.trainer's (Accelerate,
+shard by shard. The loss is digit.paint's recipe, the VQGAN's too: L1, a feature distance
+under a frozen ImageNet encoder (the `feature_loss` section) weighted by decoder.feature_weight,
+a hinge PatchGAN term whose discriminator trains from decoder.disc_start and whose generator
+term switches on at decoder.adv_start, and up to decoder.token_noise of each grid's tokens
+replaced by random codes (the target stays the clean image). The loop is digit.trainer's (Accelerate,
 resumable checkpoints in checkpoints/train_decoder-<fingerprint>/, DVCLive curves in
 reports/decoder/, a stop at the first non-finite loss). At the end the first
 decoder.eval_images val images are rendered from their tokens exactly as `decode`
@@ -21,10 +24,14 @@ from digit.atomic import write_json
 from digit.cli import require_git_commit, run, stage_parser
 from digit.decoder import DecoderConfig, PairedImages, TokenDecoder, save_decoder, to_unit
 from digit.errors import ConfigError
-from digit.gan import PatchDiscriminator, discriminator_step, generator_loss
+from digit.gan import PatchDiscriminator
+from digit.paint import PaintLoss, corrupt_tokens, feature_loss_from_params
 from digit.params import load_params, seed_for
 from digit.reconstruction import mean_l1, reconstruction_report
 from digit.trainer import Trainer, lr_lambda
+
+
+RECIPE_KEYS = ("feature_weight", "adv_weight", "disc_start", "adv_start", "token_noise")  # into the report
 
 
 def main() -> None:
@@ -64,6 +71,8 @@ def main() -> None:
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg["lr"], betas=(0.5, 0.9), weight_decay=cfg["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda(cfg["warmup_steps"], cfg["max_steps"], 0.1))
     model, disc, opt_g, opt_d = trainer.prepare(model, disc, opt_g, opt_d, state=[sched])
+    paint = PaintLoss(cfg, accelerator, disc, opt_d, feature_loss_from_params(params, cfg["feature_weight"]),
+                      params["feature_loss"]["images"])
 
     def epoch_batches(epoch: int, skip: int):
         # Each global batch is split over ranks: the data seen does not depend on the process count.
@@ -77,19 +86,18 @@ def main() -> None:
 
     def train_step(step: int) -> dict:
         tokens, target = (t.to(accelerator.device) for t in next(batches))
-        adversarial = cfg["adv_weight"] > 0 and step >= cfg["adv_start"]
+        tokens = corrupt_tokens(tokens, cfg["token_noise"], config.vocab_size, cfg["seed"], step,
+                                rank, world)
         with accelerator.autocast():
             recon = model(tokens)
-            l1 = F.l1_loss(recon.float(), target)
-            loss = l1 + cfg["adv_weight"] * generator_loss(disc, recon) if adversarial else l1
+            loss, metrics = paint.generator(recon, target, step)
         opt_g.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if cfg["grad_clip"] > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt_g.step()
-        metrics = {"train/l1": accelerator.reduce(l1.detach(), "mean").item(), "train/lr": sched.get_last_lr()[0]}
-        if adversarial:
-            metrics["train/d_loss"] = discriminator_step(accelerator, disc, opt_d, target, recon)
+        metrics["train/lr"] = sched.get_last_lr()[0]
+        metrics.update(paint.discriminator(target, recon, step))
         sched.step()
         return metrics
 
@@ -109,7 +117,8 @@ def main() -> None:
         live.summary["rec"] = {k: report[k] for k in ("psnr", "ssim", "rfid")}
         save_decoder(decoder, meta, args.out)
         write_json(args.report, {"renderer": "direct", **report, "params": sum(p.numel() for p in decoder.parameters()),
-                                 "steps": cfg["max_steps"], "adv_weight": cfg["adv_weight"]})
+                                 "steps": cfg["max_steps"],
+                                 **{k: cfg[k] for k in RECIPE_KEYS}})
         print(f"train_decoder: val PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f}, "
               f"rFID {report['rfid']:.2f} on {report['images']} images -> {args.out}")
 

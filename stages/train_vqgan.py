@@ -2,10 +2,12 @@
 
 A small convolutional VQGAN (digit/vqgan.py) at the dataset resolution whose token
 grid is vqgan.grid (the DiGIT grid, so stage-2 maps are position-aligned). Loss:
-L1 + the quantizer's commitment (and, without EMA, codebook) loss, plus the hinge
-PatchGAN term of digit.gan from vqgan.adv_start when vqgan.adv_weight > 0, the same
-recipe as the direct decoder's. No perceptual (LPIPS) loss: its VGG weights cannot be
-fetched offline. The loop is digit.trainer's (Accelerate, resumable checkpoints in
+the quantizer's commitment (and, without EMA, codebook) loss plus digit.paint's recipe, the
+direct decoder's too: L1, the feature distance under the frozen ImageNet encoder of the
+`feature_loss` section (LPIPS's VGG weights cannot be fetched offline) weighted by
+vqgan.feature_weight, the hinge PatchGAN term (discriminator from vqgan.disc_start, generator
+term from vqgan.adv_start), and up to vqgan.token_noise of each grid's codes replaced by random
+codes before decoding. The loop is digit.trainer's (Accelerate, resumable checkpoints in
 checkpoints/train_vqgan-<fingerprint>/, DVCLive curves in reports/vqgan/, a stop at
 the first non-finite loss). At the end the first vqgan.eval_images val images go
 through encode -> decode: PSNR, SSIM, rFID (digit.reconstruction, as every renderer)
@@ -26,14 +28,16 @@ from digit.atomic import write_json
 from digit.cli import require_git_commit, run, stage_parser
 from digit.distributed import finish, make_accelerator
 from digit.errors import ConfigError
-from digit.gan import PatchDiscriminator, discriminator_step, generator_loss
+from digit.gan import PatchDiscriminator
+from digit.paint import PaintLoss, corrupt_tokens, feature_loss_from_params
 from digit.params import load_params, seed_for
 from digit.pretrained_vqgan import file_sha256, load_pretrained_vqgan
 from digit.reconstruction import mean_l1, reconstruction_report
 from digit.trainer import Trainer, lr_lambda
-from digit.vqgan import (VQGAN, ImageBatches, VQGANConfig, codebook_stats, reconstruction_loss, save_vqgan,
+from digit.vqgan import (VQGAN, ImageBatches, VQGANConfig, codebook_stats, save_vqgan,
                          uint8_images, unit_images)
 
+RECIPE_KEYS = ("feature_weight", "adv_weight", "disc_start", "adv_start", "token_noise")  # into the report
 MODEL_KEYS = ("k", "dim", "width", "n_res", "beta", "ema", "decay", "restart_every", "dead_threshold")
 
 
@@ -68,6 +72,8 @@ def main() -> None:
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg["lr"], betas=(0.5, 0.9), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda(cfg["warmup_steps"], cfg["max_steps"], 0.1))
     model, disc, opt_g, opt_d = trainer.prepare(model, disc, opt_g, opt_d, state=[sched])
+    paint = PaintLoss(cfg, accelerator, disc, opt_d, feature_loss_from_params(params, cfg["feature_weight"]),
+                      params["feature_loss"]["images"])
 
     def epoch_batches(epoch: int, skip: int):
         # Each global batch is split over ranks: the data seen does not depend on the process count.
@@ -80,25 +86,27 @@ def main() -> None:
 
     def train_step(step: int) -> dict:
         target = next(batches).to(accelerator.device)
-        adversarial = cfg["adv_weight"] > 0 and step >= cfg["adv_start"]
+        corrupt = None
+        if cfg["token_noise"] > 0:
+            def corrupt(tokens):
+                return corrupt_tokens(tokens, cfg["token_noise"], config.k, cfg["seed"], step,
+                                      rank, world)
         with accelerator.autocast():
-            recon, vq_loss, _, stats = model(target)
-            l1 = reconstruction_loss(recon.float(), target)
-            loss = l1 + vq_loss.float()
-            if adversarial:  # the discriminator sees [-1, 1] images
-                loss = loss + cfg["adv_weight"] * generator_loss(disc, recon * 2 - 1)
+            recon, vq_loss, _, stats = model(target, corrupt)
+            # digit.paint works in [-1, 1], the direct decoder's space; the VQGAN paints in [0, 1].
+            loss, metrics = paint.generator(recon * 2 - 1, target * 2 - 1, step)
+            loss = loss + vq_loss.float()
         opt_g.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if cfg["grad_clip"] > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt_g.step()
-        metrics = {"train/l1": accelerator.reduce(l1.detach(), "mean").item(),
-                   "train/vq_loss": accelerator.reduce(vq_loss.detach().float(), "mean").item(),
-                   "train/usage": float(stats["usage"]), "train/perplexity": float(stats["perplexity"]),
-                   "train/dead_codes": float(stats["dead"]), "train/restarted": int(stats["restarted"]),
-                   "train/lr": sched.get_last_lr()[0]}
-        if adversarial:
-            metrics["train/d_loss"] = discriminator_step(accelerator, disc, opt_d, target * 2 - 1, recon * 2 - 1)
+        metrics["train/l1"] /= 2  # in [0, 1] units, as before and as val/l1
+        metrics.update({"train/vq_loss": accelerator.reduce(vq_loss.detach().float(), "mean").item(),
+                        "train/usage": float(stats["usage"]), "train/perplexity": float(stats["perplexity"]),
+                        "train/dead_codes": float(stats["dead"]), "train/restarted": int(stats["restarted"]),
+                        "train/lr": sched.get_last_lr()[0]})
+        metrics.update(paint.discriminator(target * 2 - 1, recon * 2 - 1, step))
         sched.step()
         return metrics
 
@@ -115,7 +123,7 @@ def main() -> None:
         vq = accelerator.unwrap_model(model).eval()
         report = publish_vqgan(vq, val, train.classes, params, args, accelerator.device, B)
         live.summary["rec"] = {k: report[k] for k in ("psnr", "ssim", "rfid", "usage", "perplexity")}
-        write_json(args.report, {**report, "steps": cfg["max_steps"], "adv_weight": cfg["adv_weight"]})
+        write_json(args.report, {**report, "steps": cfg["max_steps"], **{k: cfg[k] for k in RECIPE_KEYS}})
 
     trainer.publish(publish)
 

@@ -43,14 +43,14 @@ TINY_DAG = {
     "sample": {"num_per_class": 2, "batch_size": 10},
     "probe": {"batch_size": 64, "steps": 10},
     "decoder": {"width": 32, "n_attn": 1, "n_head": 2, "batch_size": 16, "max_steps": 10, "warmup_steps": 2,
-                "adv_start": 5, "eval_every": 5, "checkpoint_every": 5, "eval_images": 20},
+                "disc_start": 3, "adv_start": 5, "eval_every": 5, "checkpoint_every": 5, "eval_images": 20},
     "decode": {"batch_size": 8, "grid_columns": 2, "roundtrip_images": 20},
     "evaluate": {"reference_size": 30, "floor_pool": 20, "batch_size": 10, "kid_subsets": 10},
     "stability": {"num_images": 10, "batch_size": 10, "k_sweep": [8, 16]},
     "stage2": {"n_layer": 1, "n_head": 2, "n_embd": 32, "batch_size": 16, "max_steps": 6, "warmup_steps": 2,
                "eval_every": 3, "checkpoint_every": 3, "eval_images": 20},
-    "vqgan": {"width": 8, "dim": 16, "k": 16, "batch_size": 16, "max_steps": 10, "warmup_steps": 2, "adv_start": 5,
-              "eval_every": 5, "checkpoint_every": 5, "eval_images": 20, "restart_every": 5},
+    "vqgan": {"width": 8, "dim": 16, "k": 16, "batch_size": 16, "max_steps": 10, "warmup_steps": 2, "disc_start": 3,
+              "adv_start": 5, "eval_every": 5, "checkpoint_every": 5, "eval_images": 20, "restart_every": 5},
 }
 
 

@@ -69,7 +69,8 @@ def test_discriminator_step_lowers_the_hinge_loss_on_an_easy_toy():
         losses = []
         for _ in range(8):
             before = _hinge(disc, real, fake)
-            losses.append(discriminator_step(accelerator, disc, opt, real, fake))
+            stats = discriminator_step(accelerator, disc, opt, real, fake)
+            losses.append(stats["train/d_loss"])
             assert losses[-1] == pytest.approx(before, rel=1e-5, abs=1e-6)  # the loss of the D it updated
         final = _hinge(disc, real, fake)
     finally:
@@ -77,6 +78,8 @@ def test_discriminator_step_lowers_the_hinge_loss_on_an_easy_toy():
     assert 1.5 < losses[0] < 2.5  # an untrained D: logits near 0, hinge near 2
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert final < 0.5 * losses[0], (losses, final)
+    # the curves that show it separating: logits part, and most patches land on the right side
+    assert stats["train/d_real"] > stats["train/d_fake"] and stats["train/d_acc"] > 0.5, stats
     with torch.no_grad():
         assert disc(real).mean() > disc(fake).mean()
     assert generator.weight.grad is None and generator.bias.grad is None  # fakes detached

@@ -321,7 +321,7 @@ def test_killed_decoder_training_resumes_to_the_same_weights(full_repo, tmp_path
     """SIGKILL after a checkpoint (adversarial term already on), re-run: same weights and metrics."""
     repo = tmp_path / "repo"
     sh(f"cp -a {full_repo} {repo}", tmp_path)
-    params = {"decoder": {"max_steps": 24, "checkpoint_every": 8, "adv_start": 6, "eval_every": 8}}
+    params = {"decoder": {"max_steps": 24, "checkpoint_every": 8, "disc_start": 4, "adv_start": 6, "eval_every": 8}}
     args = ("--out", "dec", "--report", "dec.json", "--live", "live", "--checkpoints", "ck")
     cmd = stage_cmd("train_decoder", *args, *params_file(repo, params))
     sh(cmd, repo, env={"PYTHONPATH": str(repo)})

@@ -48,7 +48,7 @@ def tiny(images: Path) -> dict:
         "gpt": TWO_STEPS,
         "sample": {"num_per_class": 1, "batch_size": 2},
         "probe": {"max_train": 8, "batch_size": 8, "steps": 2},
-        "decoder": {**TWO_STEPS, "adv_start": 1, "eval_images": 4, "shuffle_shards": 1},
+        "decoder": {**TWO_STEPS, "disc_start": 1, "adv_start": 1, "eval_images": 4, "shuffle_shards": 1},
         "vqgan": {"weights": str(images.parent / "vq_ds16_c2i.pt"), "eval_images": 4, "batch_size": 2},
         "stage2": {**TWO_STEPS, "eval_images": 4},
         "decode": {"batch_size": 2},
