@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup dataset weights plots-template plots plots-diff repro test test-fast paper-smoke bench ablation seeds sweep clean report
+.PHONY: setup dataset weights plots-template plots plots-diff repro test test-fast paper-smoke bench ablation seeds sweep paint clean report
 
 # Re-installs only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -104,6 +104,12 @@ SWEEP_ARMS := \
 	"smp-seed-1 -S sample.seed=1" "smp-seed-2 -S sample.seed=2" \
 	"smp-topk-50-cfg-2 -S sample.top_k=50 -S sample.cfg_scale=2.0" \
 	"smp-temp-0.8-topk-50 -S sample.temperature=0.8 -S sample.top_k=50"
+# The decoder recipe's ablation (digit/paint.py): each arm takes one piece out of train_decoder's recipe, so
+# only train_decoder, decode@direct, score@direct and evaluate re-run (about 18 min an arm on 2 cores).
+# dec-disc-late: the old schedule, the discriminator starting with the decoder's adversarial term.
+PAINT_ARMS := \
+	"dec-no-feature -S decoder.feature_weight=0.0" "dec-no-noise -S decoder.token_noise=0.0" \
+	"dec-disc-late -S decoder.disc_start=1000"
 SHOW := dvc exp show --only-changed --md --drop 'k_sweep|rows|.*snr(30|25|15|5|1|0p01)|cosine.*|realised.*|seconds.*'
 
 # $(call run_arms,ARMS): the workspace run, then each "NAME -S ..." arm queued and run one at a time.
@@ -130,6 +136,11 @@ sweep: setup
 	$(call run_arms,$(SWEEP_ARMS))
 	$(PY) -m digit.sweep
 
+# Ceiling rFID, sample FID and token round-trip of the direct renderer per arm: reports/paint.json, and
+# `make report` puts the table in docs/results.md.
+paint: setup
+	$(call run_arms,$(PAINT_ARMS))
+	$(PY) -m digit.sweep --paint
 # The plots page, drawn offline: dvc_plots/index.html (its path is printed last).
 plots: setup
 	@$(PY) -m digit.plots show

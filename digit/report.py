@@ -24,10 +24,13 @@ Blocks (any of README.md and docs/*.md may hold any of them; the files named her
     times       docs/pipeline.md  wall time per stage (reports/times.json), or that it is not measured
     sampling    docs/results.md   the sampling sweep (reports/sampling.json, `make sweep`): FID/KID of both
                                   GPTs per setting, the sample-seed spread, the best setting per tokenizer
+    paint       docs/results.md   the decoder recipe's ablation (reports/paint.json, `make paint`): per arm
+                                  the direct renderer's ceiling, sample FID/KID and token round-trip
 
 Inputs: reports/metrics.json (stage `evaluate`; required), reports/score/<renderer>.json,
 reports/{decoder,stage2_ar,stage2_nar,vqgan}.json (the ceilings), reports/train/<tokenizer>/metrics.json,
-reports/{tokens,vq_tokens}.json, reports/stability.json, reports/sampling.json and reports/times.json
+reports/{tokens,vq_tokens}.json, reports/stability.json, reports/sampling.json, reports/paint.json and
+reports/times.json
 ({"<stage>": seconds, ..., "total": seconds, "measured": "date, machine, command"}). A missing optional
 input shows as "–" (or a line saying what is missing), so the output is a pure function of the files.
 """
@@ -45,7 +48,7 @@ from typing import Callable
 from digit.atomic import atomic_file
 from digit.cli import run
 from digit.errors import ConfigError
-from digit.sweep import SAMPLING
+from digit.sweep import PAINT_KEYS, SAMPLING
 
 # Files scanned for blocks, relative to --root, and the blocks each one must hold.
 REQUIRED = {"README.md": ("headline", "repro-time"), "docs/results.md": ("renderers", "tokenizers"),
@@ -321,6 +324,33 @@ def sampling(r: Reports) -> str:
     return table(header, rows) + "\n\n" + note
 
 
+def paint(r: Reports) -> str:
+    data = r.get("paint.json")
+    if not data or len(data.get("rows") or []) < 2:
+        return ("_reports/paint.json is missing or holds no arm: run `make paint`, then "
+                "`python -m digit.sweep --paint` and `make report`._")
+    rows_in = data["rows"]
+    floor = rows_in[0].get("fid_floor")
+    ratio = lambda v: f" ({v / floor:.2f}x)" if isinstance(v, (int, float)) and floor else ""  # noqa: E731
+
+    def setting(row: dict) -> str:
+        if not row["changed"]:
+            base = rows_in[0]
+            return "default (" + ", ".join(f"{k} {base[k]:g}" for k in PAINT_KEYS) + ")"
+        return ", ".join(f"{k.split('.', 1)[1]} {v:g}" for k, v in row["changed"].items())
+
+    rows = [[setting(row), num(row.get("ceiling_rfid"), 1) + ratio(row.get("ceiling_rfid")),
+             num(row.get("ceiling_ssim"), 3), num(row.get("fid"), 1) + ratio(row.get("fid")), num(row.get("kid"), 4),
+             pct(row.get("roundtrip_val")), pct(row.get("roundtrip_samples"))] for row in rows_in]
+    header = ["decoder recipe (what differs from the default)", "ceiling rFID (x floor)", "ceiling SSIM",
+              "sample FID (x floor)", "sample KID", "round-trip, val tokens", "round-trip, samples"]
+    note = (f"Experiments on commit {str(data.get('baseline', '?'))[:7]}, the direct renderer (`make paint`): each arm "
+            f"re-trains `train_decoder` only, on the same tokens and the same GPT samples. Ceiling: the first 500 val "
+            f"images rendered from their real tokens; {count(rows_in[0].get('num_samples'))} samples; "
+            f"fid_floor {num(floor, 1)}.")
+    return table(header, rows) + "\n\n" + note
+
+
 def read_times(r: Reports) -> dict | None:
     times = r.get("times.json")
     if times is not None and not isinstance(times, dict):
@@ -351,7 +381,7 @@ def repro_time(r: Reports) -> str:
 
 BLOCKS: dict[str, Callable[[Reports], str]] = {
     "headline": headline, "repro-time": repro_time, "renderers": renderers, "tokenizers": tokenizers,
-    "stability": stability, "k-sweep": k_sweep, "times": times, "sampling": sampling,
+    "stability": stability, "k-sweep": k_sweep, "times": times, "sampling": sampling, "paint": paint,
 }
 
 

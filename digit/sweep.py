@@ -16,7 +16,12 @@ from the baseline's in `sample.*` keys only, and writes:
 
 The settings are chosen on the FID reference set (the val images), as the paper picks its top-k.
 
-    python -m digit.sweep [--rev HEAD] [--reports reports]
+With --paint it reads the decoder recipe's arms instead (`make paint`: experiments that change
+`decoder.*` keys only, so only train_decoder and the direct renderer re-run) into reports/paint.json:
+per arm the direct renderer's ceiling (rFID / SSIM of real val tokens), sample FID / KID and token
+round-trip; `make report` puts the table in docs/results.md.
+
+    python -m digit.sweep [--paint] [--rev HEAD] [--reports reports]
 """
 
 from __future__ import annotations
@@ -72,25 +77,50 @@ def parse_exp_show(shown: list, rev: str = "HEAD") -> tuple[dict, list[dict]]:
     return baseline, experiments
 
 
-def sweep_rows(baseline: dict, experiments: list[dict]) -> list[dict]:
-    """The baseline and each experiment that changes `sample.*` keys only, as flat records."""
+def arms_changing(baseline: dict, experiments: list[dict], allowed: set[str]) -> list[tuple[dict, dict, dict]]:
+    """(run, flat params, {changed key: value}) of the baseline and of each experiment whose params differ from the
+    baseline's in `allowed` keys only (other ablation arms on the same baseline are left out)."""
     base = _flatten(baseline["params"])
-    rows = []
+    arms = []
     for exp in [baseline, *experiments]:
         params = _flatten(exp["params"])
         changed = {k for k in base.keys() | params.keys() if base.get(k) != params.get(k)}
-        if changed - {f"sample.{k}" for k in SAMPLING}:
-            continue  # another ablation arm on the same baseline: not a sampling setting
-        m = exp["metrics"]
-        record = {"name": exp["name"], **{k: params[f"sample.{k}"] for k in SAMPLING},
-                  **{f"{t}_{s}": m[t][s] for t in TOKENIZERS for s in ("fid", "kid")},
-                  **{f"{r}_fid": v["fid"] for r, v in sorted(m.get("render", {}).items())},
-                  "num_samples": m.get("num_samples"), "digit_k": params.get("codebook.k"), "vq_k": params.get("vqgan.k")}
-        bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+        if changed - allowed:
+            continue
+        bad = [k for k, v in _flatten(exp["metrics"]).items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             raise ConfigError(f"experiment {exp['name']}: non-finite {', '.join(bad)} in reports/metrics.json")
-        rows.append(record)
+        arms.append((exp, params, {k: params.get(k) for k in sorted(changed)}))
+    return arms
+
+
+def sweep_rows(baseline: dict, experiments: list[dict]) -> list[dict]:
+    """The baseline and each experiment that changes `sample.*` keys only, as flat records."""
+    rows = []
+    for exp, params, _ in arms_changing(baseline, experiments, {f"sample.{k}" for k in SAMPLING}):
+        m = exp["metrics"]
+        rows.append({"name": exp["name"], **{k: params[f"sample.{k}"] for k in SAMPLING},
+                     **{f"{t}_{s}": m[t][s] for t in TOKENIZERS for s in ("fid", "kid")},
+                     **{f"{r}_fid": v["fid"] for r, v in sorted(m.get("render", {}).items())},
+                     "num_samples": m.get("num_samples"), "digit_k": params.get("codebook.k"),
+                     "vq_k": params.get("vqgan.k")})
     return rows
+
+
+# The decoder recipe's ablation (`make paint`): arms that change train_decoder's keys only, so only the direct
+# renderer moves; each row is its ceiling (real val tokens), its samples and its token round-trip.
+PAINT_KEYS = ("feature_weight", "adv_weight", "disc_start", "adv_start", "token_noise")
+PAINT_METRICS = ("ceiling_rfid", "ceiling_ssim", "fid", "kid", "roundtrip_val", "roundtrip_samples")
+
+
+def paint_rows(baseline: dict, experiments: list[dict], renderer: str = "direct") -> list[dict]:
+    """The baseline and each experiment that changes `decoder.*` keys only: the changed keys and the renderer's
+    numbers from reports/metrics.json."""
+    allowed = {k for k in _flatten(baseline["params"]) if k.startswith("decoder.")}
+    return [{"name": exp["name"], "changed": changed, **{k: params[f"decoder.{k}"] for k in PAINT_KEYS},
+             **{k: exp["metrics"]["render"][renderer].get(k) for k in PAINT_METRICS},
+             "fid_floor": exp["metrics"].get("fid_floor"), "num_samples": exp["metrics"].get("num_samples")}
+            for exp, params, changed in arms_changing(baseline, experiments, allowed)]
 
 
 def varying(rows: list[dict], key: str) -> list[dict]:
@@ -145,19 +175,34 @@ def figure(by_key: dict[str, list[dict]]) -> dict:
     return {"$schema": "https://vega.github.io/schema/vega-lite/v5.json", "hconcat": panels}
 
 
+def write_paint(sha: str, root: str | Path, reports: Path) -> None:
+    rows = paint_rows(*exp_rows(sha, root))
+    if len(rows) < 2:
+        raise ConfigError(f"{sha[:7]}: no decoder experiment on this commit; run `make paint` first")
+    write_json(reports / "paint.json", {"baseline": sha, "renderer": "direct", "rows": rows})
+    for r in rows:
+        print(f"paint: {r['name']}: {r['changed'] or 'baseline'}: ceiling rFID {r['ceiling_rfid']}, sample FID "
+              f"{r['fid']:.2f}, round-trip val {r['roundtrip_val']}")
+    print(f"paint: {len(rows)} rows -> {reports}/paint.json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rev", default="HEAD", help="the baseline commit whose experiments are the sweep")
     parser.add_argument("--reports", default="reports")
     parser.add_argument("--root", default=".")
+    parser.add_argument("--paint", action="store_true",
+                        help="the decoder recipe's arms (`make paint`) -> reports/paint.json, instead of sampling")
     args = parser.parse_args()
     sha = subprocess.run(["git", "rev-parse", args.rev], cwd=args.root, capture_output=True, text=True,
                          check=True).stdout.strip()
+    reports = Path(args.reports)
+    if args.paint:
+        return write_paint(sha, args.root, reports)
     rows = sweep_rows(*exp_rows(sha, args.root))
     if len(rows) < 2:
         raise ConfigError(f"{args.rev}: no sampling experiment on this commit; run `make sweep` first")
     summary = summarize(rows, sha)
-    reports = Path(args.reports)
     write_json(reports / "sampling.json", summary)
     by_key = curves(rows)
     for key, key_rows in by_key.items():

@@ -76,7 +76,7 @@ def test_no_committed_run_and_non_finite_numbers_are_clear_errors():
         sweep.parse_exp_show([{"rev": "workspace", "data": {}}], "HEAD")
     data = shown()
     data[1]["experiments"][0]["revs"][0]["data"]["metrics"]["reports/metrics.json"]["data"]["digit"]["fid"] = float("nan")
-    with pytest.raises(ConfigError, match="smp-cfg-2: non-finite digit_fid"):
+    with pytest.raises(ConfigError, match="smp-cfg-2: non-finite digit.fid"):
         sweep.sweep_rows(*sweep.parse_exp_show(data))
 
 
@@ -107,3 +107,45 @@ def test_main_writes_the_files_and_the_report_table_marks_the_best(tmp_path, mon
 def test_the_table_says_when_there_is_no_sweep(tmp_path):
     toy_reports(tmp_path)
     assert "make sweep" in report.sampling(report.Reports(tmp_path))
+
+
+DECODER = {"feature_weight": 1.0, "adv_weight": 0.1, "disc_start": 250, "adv_start": 1000, "token_noise": 0.1,
+           "width": 96}
+
+
+def paint_entry(name: str, rfid: float, fid: float, decoder=None, sample=None) -> dict:
+    row = entry(name, fid, 90.0, sample=sample)
+    data = row["data"]
+    data["params"]["params.yaml"]["data"]["decoder"] = {**DECODER, **(decoder or {})}
+    metrics = data["metrics"]["reports/metrics.json"]["data"]
+    metrics["fid_floor"] = 30.0
+    metrics["render"]["direct"].update(ceiling_rfid=rfid, ceiling_ssim=0.6, kid=fid / 2000, roundtrip_val=0.6,
+                                       roundtrip_samples=0.55)
+    return row
+
+
+def test_paint_rows_keep_decoder_arms_only_and_the_table_shows_each_against_the_floor(tmp_path, monkeypatch):
+    baseline = paint_entry("main", 41.5, 60.0)
+    baseline["rev"] = "0123abcd"
+    wrap = lambda row: {"executor": {"state": "success"}, "name": row["name"], "revs": [row]}  # noqa: E731
+    baseline["experiments"] = [wrap(paint_entry("dec-no-feature", 69.0, 75.0, {"feature_weight": 0.0})),
+                               wrap(paint_entry("dec-no-noise", 40.0, 63.0, {"token_noise": 0.0})),
+                               wrap(paint_entry("smp-cfg-2", 41.5, 58.0, sample={"cfg_scale": 2.0}))]
+    shown_ = [{"rev": "workspace", "name": None, "data": {}}, baseline]
+    rows = sweep.paint_rows(*sweep.parse_exp_show(shown_))
+    assert [r["name"] for r in rows] == ["main", "dec-no-feature", "dec-no-noise"]  # a sampling arm is not one
+    assert rows[1]["changed"] == {"decoder.feature_weight": 0.0} and rows[1]["ceiling_rfid"] == 69.0
+
+    monkeypatch.setattr(sweep, "exp_rows", lambda rev, root: sweep.parse_exp_show(shown_, rev))
+    monkeypatch.setattr(sweep.subprocess, "run", lambda *a, **k: type("R", (), {"stdout": "0123abcd\n"})())
+    toy_reports(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["sweep", "--paint", "--reports", str(tmp_path)])
+    sweep.main()
+    assert json.loads((tmp_path / "paint.json").read_text())["baseline"] == "0123abcd"
+    text = report.paint(report.Reports(tmp_path))
+    assert text.splitlines()[0].startswith("| decoder recipe (what differs from the default) | ceiling rFID (x floor) |")
+    assert ("| default (feature_weight 1, adv_weight 0.1, disc_start 250, adv_start 1000, token_noise 0.1) | "
+            "41.5 (1.38x) | 0.600 | 60.0 (2.00x) |") in text
+    assert "| feature_weight 0 | 69.0 (2.30x) |" in text and "Experiments on commit 0123abc" in text
+    (tmp_path / "paint.json").unlink()
+    assert "make paint" in report.paint(report.Reports(tmp_path))
