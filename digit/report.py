@@ -48,7 +48,8 @@ from typing import Callable
 from digit.atomic import atomic_file
 from digit.cli import run
 from digit.errors import ConfigError
-from digit.sweep import PAINT_KEYS, SAMPLING
+from digit.paint import RECIPE_KEYS
+from digit.sweep import SAMPLING
 
 # Files scanned for blocks, relative to --root, and the blocks each one must hold.
 REQUIRED = {"README.md": ("headline", "repro-time"), "docs/results.md": ("renderers", "tokenizers"),
@@ -336,7 +337,7 @@ def paint(r: Reports) -> str:
     def setting(row: dict) -> str:
         if not row["changed"]:
             base = rows_in[0]
-            return "default (" + ", ".join(f"{k} {base[k]:g}" for k in PAINT_KEYS) + ")"
+            return "default (" + ", ".join(f"{k} {base[k]:g}" for k in RECIPE_KEYS) + ")"
         return ", ".join(f"{k.split('.', 1)[1]} {v:g}" for k, v in row["changed"].items())
 
     rows = [[setting(row), num(row.get("ceiling_rfid"), 1) + ratio(row.get("ceiling_rfid")),

@@ -36,6 +36,7 @@ from pathlib import Path
 from digit.atomic import atomic_file, write_json
 from digit.cli import run
 from digit.errors import ConfigError
+from digit.paint import RECIPE_KEYS
 from digit.schema import _flatten
 
 SWEPT = ("cfg_scale", "top_k", "temperature")  # one TSV and one panel each
@@ -109,7 +110,6 @@ def sweep_rows(baseline: dict, experiments: list[dict]) -> list[dict]:
 
 # The decoder recipe's ablation (`make paint`): arms that change train_decoder's keys only, so only the direct
 # renderer moves; each row is its ceiling (real val tokens), its samples and its token round-trip.
-PAINT_KEYS = ("feature_weight", "adv_weight", "disc_start", "adv_start", "token_noise")
 PAINT_METRICS = ("ceiling_rfid", "ceiling_ssim", "fid", "kid", "roundtrip_val", "roundtrip_samples")
 
 
@@ -117,7 +117,7 @@ def paint_rows(baseline: dict, experiments: list[dict], renderer: str = "direct"
     """The baseline and each experiment that changes `decoder.*` keys only: the changed keys and the renderer's
     numbers from reports/metrics.json."""
     allowed = {k for k in _flatten(baseline["params"]) if k.startswith("decoder.")}
-    return [{"name": exp["name"], "changed": changed, **{k: params[f"decoder.{k}"] for k in PAINT_KEYS},
+    return [{"name": exp["name"], "changed": changed, **{k: params[f"decoder.{k}"] for k in RECIPE_KEYS},
              **{k: exp["metrics"]["render"][renderer].get(k) for k in PAINT_METRICS},
              "fid_floor": exp["metrics"].get("fid_floor"), "num_samples": exp["metrics"].get("num_samples")}
             for exp, params, changed in arms_changing(baseline, experiments, allowed)]

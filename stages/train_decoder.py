@@ -25,13 +25,12 @@ from digit.cli import require_git_commit, run, stage_parser
 from digit.decoder import DecoderConfig, PairedImages, TokenDecoder, save_decoder, to_unit
 from digit.errors import ConfigError
 from digit.gan import PatchDiscriminator
-from digit.paint import PaintLoss, corrupt_tokens, feature_loss_from_params
+from digit.paint import RECIPE_KEYS, PaintLoss, corrupt_tokens, feature_loss_from_params
 from digit.params import load_params, seed_for
 from digit.reconstruction import mean_l1, reconstruction_report
 from digit.trainer import Trainer, lr_lambda
 
 
-RECIPE_KEYS = ("feature_weight", "adv_weight", "disc_start", "adv_start", "token_noise")  # into the report
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from digit.cli import require_git_commit, run, stage_parser
 from digit.distributed import finish, make_accelerator
 from digit.errors import ConfigError
 from digit.gan import PatchDiscriminator
-from digit.paint import PaintLoss, corrupt_tokens, feature_loss_from_params
+from digit.paint import RECIPE_KEYS, PaintLoss, corrupt_tokens, feature_loss_from_params
 from digit.params import load_params, seed_for
 from digit.pretrained_vqgan import file_sha256, load_pretrained_vqgan
 from digit.reconstruction import mean_l1, reconstruction_report
@@ -37,7 +37,6 @@ from digit.trainer import Trainer, lr_lambda
 from digit.vqgan import (VQGAN, ImageBatches, VQGANConfig, codebook_stats, save_vqgan,
                          uint8_images, unit_images)
 
-RECIPE_KEYS = ("feature_weight", "adv_weight", "disc_start", "adv_start", "token_noise")  # into the report
 MODEL_KEYS = ("k", "dim", "width", "n_res", "beta", "ema", "decay", "restart_every", "dead_threshold")
 
 
