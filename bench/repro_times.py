@@ -36,6 +36,23 @@ def machine() -> str:
             f"{'bf16' if native_bf16('cpu') else 'no native bf16: trainers in fp32'}")
 
 
+def matmul_speed(seconds: float = 1.0) -> str:
+    """The host's speed when the run starts: a 1024x1024 matmul in fp32 and bf16, best of the repeats that fit in
+    `seconds` each. Shared 2-core hosts differ 2x from one hour to the next, so a wall time says little without it."""
+    import torch
+
+    rates = []
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        best, until = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < until:
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        rates.append(2 * 1024 ** 3 / best / 1e9)
+    return f"a 1024^2 matmul at {rates[0]:.0f} GFLOP/s fp32, {rates[1]:.0f} bf16 when the run started"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="reports/times.json")
@@ -43,6 +60,7 @@ def main() -> None:
     parser.add_argument("dvc_args", nargs="*")
     args = parser.parse_args()
     cmd = [sys.executable, "-m", "dvc", "repro", *args.dvc_args]
+    speed = matmul_speed()
     started = time.perf_counter()
     times: dict[str, float] = {}
     current, since = None, started
@@ -65,7 +83,7 @@ def main() -> None:
     times["total"] = round(end - started, 1)
     if args.install_seconds is not None:
         times["install"] = round(args.install_seconds, 1)
-    times["measured"] = (f"{datetime.date.today().isoformat()}, {os.cpu_count()} CPU cores ({machine()}), "
+    times["measured"] = (f"{datetime.date.today().isoformat()}, {os.cpu_count()} CPU cores ({machine()}; {speed}), "
                          f"`{' '.join(['dvc', 'repro', *args.dvc_args])}` in a fresh clone")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(times, indent=2) + "\n")
