@@ -104,11 +104,12 @@ SWEEP_ARMS := \
 	"smp-seed-1 -S sample.seed=1" "smp-seed-2 -S sample.seed=2" \
 	"smp-topk-50-cfg-2 -S sample.top_k=50 -S sample.cfg_scale=2.0" \
 	"smp-temp-0.8-topk-50 -S sample.temperature=0.8 -S sample.top_k=50"
-# The decoder recipe's ablation (digit/paint.py): each arm takes one piece out of train_decoder's recipe, so
+# The decoder recipe's ablation (digit/paint.py): each arm changes one piece of train_decoder's recipe, so
 # only train_decoder, decode@direct, score@direct and evaluate re-run (about 18 min an arm on 2 cores).
-# dec-disc-late: the old schedule, the discriminator starting with the decoder's adversarial term.
+# dec-disc-late: the old schedule, the discriminator starting with the decoder's adversarial term;
+# dec-noise: token corruption back on (the default has it off since the arm of ab598c9 without it).
 PAINT_ARMS := \
-	"dec-no-feature -S decoder.feature_weight=0.0" "dec-no-noise -S decoder.token_noise=0.0" \
+	"dec-no-feature -S decoder.feature_weight=0.0" "dec-noise -S decoder.token_noise=0.1" \
 	"dec-disc-late -S decoder.disc_start=1000"
 SHOW := dvc exp show --only-changed --md --drop 'k_sweep|rows|.*snr(30|25|15|5|1|0p01)|cosine.*|realised.*|seconds.*'
 
