@@ -34,11 +34,6 @@ from digit.errors import ConfigError
 from digit.gan import discriminator_step, generator_loss
 
 
-# The section keys of a decoder's recipe (decoder:, vqgan:): both decoders' reports record them, and
-# `digit.sweep --paint` reads them back from the ablation arms.
-RECIPE_KEYS = ("feature_weight", "adv_weight", "disc_start", "adv_start", "token_noise")
-
-
 class FeatureLoss(nn.Module):
     """Mean over tapped layers of the squared distance between channel-normalised features of two image
     batches in [-1, 1]; gradients flow into the first (the rendering), never into the frozen network."""

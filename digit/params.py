@@ -20,6 +20,11 @@ from digit.errors import ConfigError
 SEED_STRIDE = 10**6
 MAX_BASE_SEED = 2000
 
+# The keys of a pixel decoder's recipe (digit/paint.py) in its section (decoder:, vqgan:): both decoders'
+# reports record them, and `digit.sweep --paint` reads them back from the ablation arms. Here, not in
+# digit.paint, so that the report and sweep tools read them without importing torch.
+RECIPE_KEYS = ("feature_weight", "adv_weight", "disc_start", "adv_start", "token_noise")
+
 
 def seed_for(params: dict, section: str | None) -> int:
     """The seed a stage uses: its section's seed + SEED_STRIDE * base.seed (section None: base only).

@@ -48,7 +48,7 @@ from typing import Callable
 from digit.atomic import atomic_file
 from digit.cli import run
 from digit.errors import ConfigError
-from digit.paint import RECIPE_KEYS
+from digit.params import RECIPE_KEYS
 from digit.sweep import SAMPLING
 
 # Files scanned for blocks, relative to --root, and the blocks each one must hold.

@@ -36,7 +36,7 @@ from pathlib import Path
 from digit.atomic import atomic_file, write_json
 from digit.cli import run
 from digit.errors import ConfigError
-from digit.paint import RECIPE_KEYS
+from digit.params import RECIPE_KEYS
 from digit.schema import _flatten
 
 SWEPT = ("cfg_scale", "top_k", "temperature")  # one TSV and one panel each

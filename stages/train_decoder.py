@@ -25,12 +25,10 @@ from digit.cli import require_git_commit, run, stage_parser
 from digit.decoder import DecoderConfig, PairedImages, TokenDecoder, save_decoder, to_unit
 from digit.errors import ConfigError
 from digit.gan import PatchDiscriminator
-from digit.paint import RECIPE_KEYS, PaintLoss, corrupt_tokens, feature_loss_from_params
-from digit.params import load_params, seed_for
+from digit.paint import PaintLoss, corrupt_tokens, feature_loss_from_params
+from digit.params import RECIPE_KEYS, load_params, seed_for
 from digit.reconstruction import mean_l1, reconstruction_report
 from digit.trainer import Trainer, lr_lambda
-
-
 
 
 def main() -> None:

@@ -29,8 +29,8 @@ from digit.cli import require_git_commit, run, stage_parser
 from digit.distributed import finish, make_accelerator
 from digit.errors import ConfigError
 from digit.gan import PatchDiscriminator
-from digit.paint import RECIPE_KEYS, PaintLoss, corrupt_tokens, feature_loss_from_params
-from digit.params import load_params, seed_for
+from digit.paint import PaintLoss, corrupt_tokens, feature_loss_from_params
+from digit.params import RECIPE_KEYS, load_params, seed_for
 from digit.pretrained_vqgan import file_sha256, load_pretrained_vqgan
 from digit.reconstruction import mean_l1, reconstruction_report
 from digit.trainer import Trainer, lr_lambda
